@@ -1,0 +1,66 @@
+"""The registry of MNIST-family datasets: their files, mirrors, sizes, checksums and class names.
+
+The registry itself is data, `datasets.yaml` beside this module, so that a test can register a small
+dataset of its own in a copy of the project (with real checksums of the files it made) instead of a flag
+that turns verification off.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from stages.cli import StageError
+
+REGISTRY_FILE = Path(__file__).with_name("datasets.yaml")
+
+# The four IDX files of every MNIST-family dataset, by role.
+ROLES = ("train_images", "train_labels", "test_images", "test_labels")
+
+
+@dataclasses.dataclass(frozen=True)
+class FileSpec:
+    """One IDX file: its name on the mirrors (gzipped) and how to recognise good bytes."""
+
+    name: str  # e.g. train-images-idx3-ubyte.gz; stored decompressed, without .gz
+    gz_md5: str | None  # md5 of the upstream .gz (torchvision's `resources`)
+    gz_size: int | None
+    payload_sha256: str | None  # sha256 of the decompressed IDX bytes
+    payload_size: int | None
+
+    @property
+    def payload_name(self) -> str:
+        return self.name.removesuffix(".gz")
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    classes: tuple[str, ...]
+    mirrors: tuple[str, ...]
+    files: dict[str, FileSpec]  # by role, see ROLES
+
+
+def load_registry(path: Path = REGISTRY_FILE) -> dict[str, DatasetSpec]:
+    with open(path, encoding="utf-8") as stream:
+        document: dict[str, Any] = yaml.safe_load(stream)
+    return {name: _dataset(name, entry) for name, entry in document.items()}
+
+
+def lookup(name: str, path: Path = REGISTRY_FILE) -> DatasetSpec:
+    registry = load_registry(path)
+    if name not in registry:
+        raise StageError(f"data.dataset: unknown dataset {name!r}; allowed: {', '.join(registry)}")
+    return registry[name]
+
+
+def _dataset(name: str, entry: dict[str, Any]) -> DatasetSpec:
+    files = {role: FileSpec(**entry["files"][role]) for role in ROLES}
+    for spec in files.values():
+        if spec.gz_md5 is None and spec.payload_sha256 is None:
+            # A file that nothing can verify would be accepted whatever its bytes: refuse the entry.
+            raise ValueError(f"{REGISTRY_FILE.name}: {name}/{spec.name} has no checksum")
+    return DatasetSpec(name, tuple(entry["classes"]), tuple(entry["mirrors"]), files)

@@ -1,0 +1,61 @@
+"""Reading IDX files (the MNIST format) into tensors, checking every field of the header.
+
+torchvision has a reader (`torchvision.datasets.mnist.read_sn3_pascalvincent_tensor`), but it checks with
+bare asserts that do not name the file, and importing torchvision costs the stage about 3 s of start-up;
+the format is small enough to parse here with the checks a user needs.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from stages.cli import StageError
+
+UNSIGNED_BYTE = 0x08  # the only element type MNIST-family files use
+
+
+def read_idx(path: Path, dimensions: int) -> torch.Tensor:
+    """Return the uint8 tensor stored in IDX file `path`, which must have `dimensions` dimensions."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise StageError(f"{path}: missing; rerun the download stage (dvc repro download)") from None
+    header_size = 4 + 4 * dimensions
+    if len(data) < 4:
+        raise StageError(f"{path}: not an IDX file (only {len(data)} bytes)")
+    zero, element_type, ndim = int.from_bytes(data[0:2], "big"), data[2], data[3]
+    if zero != 0 or element_type != UNSIGNED_BYTE or ndim != dimensions:
+        raise StageError(
+            f"{path}: bad IDX magic number 0x{data[:4].hex()}; expected 0x0000080{dimensions} "
+            f"(unsigned bytes, {dimensions} dimensions)"
+        )
+    if len(data) < header_size:
+        raise StageError(f"{path}: IDX header truncated ({len(data)} bytes, needs {header_size})")
+    shape = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(dimensions)]
+    expected = header_size + math.prod(shape)
+    if len(data) != expected:
+        raise StageError(
+            f"{path}: header says {'x'.join(map(str, shape))} values ({expected} bytes) "
+            f"but the file has {len(data)} bytes"
+        )
+    # bytearray: frombuffer needs a writable buffer to hand out a tensor without a warning.
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8, offset=header_size).view(shape)
+
+
+def read_split(images_path: Path, labels_path: Path, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read one split: uint8 images (N, H, W) and int64 labels (N,), checked against each other."""
+    images = read_idx(images_path, 3)
+    labels = read_idx(labels_path, 1)
+    if len(images) != len(labels):
+        raise StageError(
+            f"{labels_path}: {len(labels)} labels for {len(images)} images in {images_path.name}; "
+            "the files belong to different datasets or one is damaged"
+        )
+    if len(labels) and int(labels.max()) >= num_classes:
+        raise StageError(
+            f"{labels_path}: label {int(labels.max())} is outside the {num_classes} classes (0..{num_classes - 1})"
+        )
+    return images, labels.long()

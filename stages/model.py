@@ -1,0 +1,74 @@
+"""The classifiers, and saving/loading them as safetensors weights plus a JSON model card.
+
+A model takes uint8 images (B, H, W) and returns logits (B, classes): normalisation is its first step,
+so the saved model is usable for inference with nothing but its two files.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from stages.artifacts import read_json, write_json
+
+WEIGHTS = "model.safetensors"
+CARD = "model.json"
+TRAINING_LOG = "training"  # DVCLive's folder: curves and summary
+
+
+class Classifier(nn.Module):
+    """Normalise, flatten, then a linear layer (`logreg`) or a ReLU MLP (`mlp`)."""
+
+    def __init__(self, architecture: dict[str, Any]) -> None:
+        super().__init__()
+        inputs = math.prod(architecture["image_shape"])
+        widths = [inputs, *architecture["hidden"], architecture["num_classes"]]
+        layers: list[nn.Module] = []
+        for index, (width_in, width_out) in enumerate(itertools.pairwise(widths)):
+            if index:
+                layers.append(nn.ReLU())
+            layers.append(nn.Linear(width_in, width_out))
+        self.layers = nn.Sequential(*layers)
+        # x_normalised = (pixel / 255 - mean) / std = pixel * scale + shift; not saved with the weights
+        # (the card holds mean and std), so they are non-persistent buffers that follow .to(device).
+        mean, std = architecture["mean"], architecture["std"]
+        self.register_buffer("scale", torch.tensor(1 / (255 * std)), persistent=False)
+        self.register_buffer("shift", torch.tensor(-mean / std), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        # (B, H, W) uint8 -> (B, H*W) float32 -> (B, classes)
+        inputs = torch.addcmul(self.shift, images.flatten(1).float(), self.scale)
+        return self.layers(inputs)
+
+
+def architecture_for(model: str, hidden: tuple[int, ...], meta: dict[str, Any]) -> dict[str, Any]:
+    """Everything needed to rebuild the model, from the train params and the processed data's meta."""
+    return {
+        "model": model,
+        "hidden": list(hidden) if model == "mlp" else [],
+        "image_shape": meta["image_shape"],
+        "num_classes": len(meta["classes"]),
+        "mean": meta["mean"],
+        "std": meta["std"],
+    }
+
+
+def save_model(folder: Path, model: nn.Module, card: dict[str, Any]) -> None:
+    """Write the weights (from CPU tensors, so a GPU-trained model loads anywhere) and the card."""
+    weights = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
+    save_file(weights, str(folder / WEIGHTS))
+    write_json(folder / CARD, card)
+
+
+def load_model(folder: Path, device: torch.device | str = "cpu") -> tuple[Classifier, dict[str, Any]]:
+    """Rebuild a saved model from its card and weights; safetensors runs no pickled code."""
+    card = read_json(folder / CARD)
+    model = Classifier(card["architecture"])
+    model.load_state_dict(load_file(str(folder / WEIGHTS)))
+    return model.to(device).eval(), card
