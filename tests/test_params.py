@@ -1,0 +1,147 @@
+"""Params: typed, checked, one clear line per mistake, through the stage CLIs and on their own."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import dvc, run, set_params
+
+from stages.cli import StageError
+from stages.download import DataParams
+from stages.evaluate import EvaluateParams
+from stages.params import load_section, parse_section
+from stages.preprocess import PreprocessParams
+from stages.train import TrainParams
+
+PROJECT = Path(__file__).resolve().parent.parent
+SCHEMAS = {"data": DataParams, "preprocess": PreprocessParams, "train": TrainParams, "evaluate": EvaluateParams}
+
+
+def default_section(section: str) -> dict:
+    return dict(yaml.safe_load((PROJECT / "params.yaml").read_text())[section])
+
+
+@pytest.mark.parametrize("section", SCHEMAS)
+def test_the_committed_params_parse(section: str) -> None:
+    parsed = load_section(PROJECT / "params.yaml", section, SCHEMAS[section])
+    assert dataclasses.is_dataclass(parsed)
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "message"),
+    [
+        ("train", "model", "resnet", "train.model: got 'resnet'; allowed: logreg, mlp"),
+        ("train", "device", "tpu", "train.device: got 'tpu'; allowed: auto, cpu, cuda, cuda:N, mps"),
+        ("train", "lr", "fast", "train.lr: expected float, got 'fast'"),
+        ("train", "lr", 0, "train.lr: must be > 0"),
+        ("train", "lr", -0.1, "train.lr: must be > 0"),
+        ("train", "epochs", 0, "train.epochs: must be >= 1"),
+        ("train", "epochs", 2.5, "train.epochs: expected int, got 2.5"),
+        ("train", "epochs", True, "train.epochs: expected int, got True"),
+        ("train", "tf32", 1, "train.tf32: expected bool, got 1"),
+        ("train", "hidden", 128, "train.hidden: expected a list of int, got 128"),
+        ("train", "hidden", [128, "x"], "train.hidden[1]: expected int, got 'x'"),
+        ("train", "momentum", 1.0, "train.momentum: must be in [0, 1)"),
+        ("train", "optimizer", "lbfgs", "train.optimizer: got 'lbfgs'; allowed: sgd, adam, adamw"),
+        ("train", "precision", "fp8", "train.precision: got 'fp8'; allowed: fp32, bf16, fp16"),
+        ("data", "timeout_s", 0, "data.timeout_s: must be > 0"),
+        ("data", "mirrors", "http://x/", "data.mirrors: expected a list of str, got 'http://x/'"),
+        ("preprocess", "val_size", 0, "preprocess.val_size: must be >= 1"),
+        ("evaluate", "calibration_bins", 1, "evaluate.calibration_bins: must be >= 2"),
+        ("evaluate", "device", "gpu", "evaluate.device: got 'gpu'; allowed: auto, cpu, cuda, cuda:N, mps"),
+    ],
+)
+def test_bad_values_name_the_key_and_what_is_allowed(section, key, value, message) -> None:
+    values = default_section(section) | {key: value}
+    with pytest.raises(StageError) as raised:
+        parse_section(section, values, SCHEMAS[section])
+    assert str(raised.value) == message
+
+
+def test_unknown_and_missing_keys() -> None:
+    values = default_section("train") | {"learning_rate": 0.1}
+    with pytest.raises(StageError, match=r"^train\.learning_rate: unknown key; allowed keys: model, hidden, "):
+        parse_section("train", values, TrainParams)
+    values = default_section("train")
+    del values["seed"]
+    with pytest.raises(StageError, match=r"^train\.seed: missing; add it to params.yaml$"):
+        parse_section("train", values, TrainParams)
+
+
+def test_ints_widen_to_floats_and_lists_become_tuples() -> None:
+    parsed = parse_section("train", default_section("train") | {"lr": 1, "hidden": [8, 4]}, TrainParams)
+    assert parsed.lr == 1.0 and isinstance(parsed.lr, float)
+    assert parsed.hidden == (8, 4)
+
+
+def test_params_file_problems(tmp_path: Path) -> None:
+    with pytest.raises(StageError, match="not found"):
+        load_section(tmp_path / "params.yaml", "train", TrainParams)
+    (tmp_path / "params.yaml").write_text("train: [unclosed\n")
+    with pytest.raises(StageError, match=r"not valid YAML \(line \d+\)"):
+        load_section(tmp_path / "params.yaml", "train", TrainParams)
+    (tmp_path / "params.yaml").write_text("data: {}\n")
+    with pytest.raises(StageError, match="no 'train:' section"):
+        load_section(tmp_path / "params.yaml", "train", TrainParams)
+
+
+# Through the stage CLIs: one line on stderr, exit 1, nothing written.
+CLI_CASES = [
+    ("download", {"data.dataset": "cifar"}, "download: error: data.dataset: unknown dataset 'cifar'; allowed: "),
+    ("train", {"train.model": "cnn"}, "train: error: train.model: got 'cnn'; allowed: logreg, mlp"),
+    ("train", {"train.lr": -1}, "train: error: train.lr: must be > 0"),
+    ("train", {"train.epochs": 0}, "train: error: train.epochs: must be >= 1"),
+    ("train", {"train.batch_size": "big"}, "train: error: train.batch_size: expected int, got 'big'"),
+    ("train", {"train.device": "cuda:3"}, "train: error: train.device: cuda:3 is not available (0 CUDA devices "),
+    ("train", {"train.precision": "bf16"}, "train: error: train.precision: bf16 needs a CUDA device (this run "),
+    ("train", {"train.optimiser": "sgd"}, "train: error: train.optimiser: unknown key; allowed keys: "),
+    ("preprocess", {"preprocess.val_size": 600}, "preprocess: error: preprocess.val_size: 600 is not smaller "),
+    ("evaluate", {"evaluate.batch_size": 0}, "evaluate: error: evaluate.batch_size: must be >= 1"),
+]
+
+OUTPUTS = {"download": "data/raw", "preprocess": "data/processed", "train": "models", "evaluate": "metrics"}
+
+
+def test_bad_params_through_the_stage_clis(tiny_project: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("the cuda:3 / bf16 cases assume a machine without CUDA")
+    dvc(tiny_project, "repro")  # every stage's inputs exist, so only the params can be wrong
+    commands = {
+        name: stage["cmd"] for name, stage in yaml.safe_load((tiny_project / "dvc.lock").read_text())["stages"].items()
+    }
+    original = (tiny_project / "params.yaml").read_text()
+    for stage, change, message in CLI_CASES:
+        output = tiny_project / OUTPUTS[stage]
+        run(tiny_project, "rm", "-rf", str(output))
+        set_params(tiny_project, **change)
+        result = run(tiny_project, *commands[stage].split(), check=False)
+        assert result.returncode == 1, (stage, change, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(message), (stage, change, result.stderr)
+        assert not output.exists(), f"{stage} wrote {output} despite bad params {change}"
+        (tiny_project / "params.yaml").write_text(original)
+        dvc(tiny_project, "checkout", "--force")  # bring back the removed output for the next case
+
+
+def test_each_stage_reads_only_the_params_dvc_yaml_declares(tiny_project: Path) -> None:
+    """Run each stage with a params.yaml holding only what dvc.yaml declares for it: an undeclared read fails."""
+    dvc(tiny_project, "repro")
+    lock = yaml.safe_load((tiny_project / "dvc.lock").read_text())["stages"]
+    stages = yaml.safe_load((tiny_project / "dvc.yaml").read_text())["stages"]
+    full = yaml.safe_load((tiny_project / "params.yaml").read_text())
+    for name, stage in stages.items():
+        declared = {}
+        for entry in stage.get("params", []):
+            assert isinstance(entry, str), f"{name}: declare params by key in params.yaml"
+            section, _, key = entry.partition(".")
+            declared.setdefault(section, {})
+            declared[section].update({key: full[section][key]} if key else full[section])
+        (tiny_project / "params.yaml").write_text(yaml.safe_dump(declared))
+        result = run(tiny_project, *lock[name]["cmd"].split(), check=False)
+        assert result.returncode == 0, f"stage {name} read params dvc.yaml does not declare:\n{result.stderr}"
+    (tiny_project / "params.yaml").write_text(yaml.safe_dump(full, sort_keys=False))

@@ -1,0 +1,196 @@
+"""The pure functions of the stages, against independent oracles (scikit-learn, autograd, hand computation)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from stages.cli import StageError
+from stages.metrics import calibration, confusion_matrix, per_class_scores
+from stages.model import Classifier, architecture_for, load_model, save_model
+from stages.preprocess import pixel_statistics, split_train_val
+from stages.runtime import autocast_for, resolve_device
+from stages.training import epoch_order, make_optimizer, predict, score, train_epoch
+
+META = {"image_shape": [28, 28], "classes": [str(k) for k in range(10)], "mean": 0.25, "std": 0.5}
+
+
+def random_predictions(seed: int = 0, n: int = 500, classes: int = 10):
+    generator = torch.Generator().manual_seed(seed)
+    actual = torch.randint(0, classes, (n,), generator=generator)
+    # Mostly right, sometimes wrong, and class 9 never predicted (a zero denominator).
+    predicted = torch.where(
+        torch.rand(n, generator=generator) < 0.7, actual, torch.randint(0, 9, (n,), generator=generator)
+    )
+    return actual, predicted
+
+
+def test_confusion_and_per_class_scores_match_scikit_learn() -> None:
+    metrics = pytest.importorskip("sklearn.metrics")
+    actual, predicted = random_predictions()
+    confusion = confusion_matrix(actual, predicted, 10)
+    assert confusion.tolist() == metrics.confusion_matrix(actual, predicted, labels=range(10)).tolist()
+    scores = per_class_scores(confusion)
+    precision, recall, f1, support = metrics.precision_recall_fscore_support(
+        actual, predicted, labels=range(10), zero_division=0
+    )
+    torch.testing.assert_close(scores["precision"], torch.tensor(precision, dtype=torch.float64))
+    torch.testing.assert_close(scores["recall"], torch.tensor(recall, dtype=torch.float64))
+    torch.testing.assert_close(scores["f1"], torch.tensor(f1, dtype=torch.float64))
+    assert scores["support"].tolist() == support.tolist()
+    macro = metrics.f1_score(actual, predicted, average="macro", zero_division=0)
+    assert scores["f1"].mean().item() == pytest.approx(macro)
+
+
+def test_calibration_by_hand() -> None:
+    # Four predictions, two bins: confidences 0.3 and 0.4 (bin 1), 0.9 and 0.8 (bin 2).
+    probabilities = torch.tensor([[0.3, 0.2, 0.5], [0.4, 0.35, 0.25], [0.9, 0.05, 0.05], [0.1, 0.8, 0.1]])
+    # predicted classes: 2, 0, 0, 1; actual: 2 (right), 1 (wrong), 0 (right), 0 (wrong)
+    actual = torch.tensor([2, 1, 0, 0])
+    # Bin (0, 0.5]: confidences 0.5, 0.4 -> mean 0.45, accuracy 0.5. Bin (0.5, 1]: 0.9, 0.8 -> 0.85, 0.5.
+    rows, ece = calibration(probabilities, actual, bins=2)
+    assert rows == [
+        {"bin_upper": 0.5, "confidence": 0.45, "accuracy": 0.5, "count": 2},
+        {"bin_upper": 1.0, "confidence": 0.85, "accuracy": 0.5, "count": 2},
+    ]
+    assert ece == pytest.approx(0.5 * 0.05 + 0.5 * 0.35)
+
+
+def test_classifier_normalises_inside_and_matches_a_hand_written_forward() -> None:
+    torch.manual_seed(0)
+    model = Classifier(architecture_for("logreg", (), META))
+    images = torch.randint(0, 256, (5, 28, 28), dtype=torch.uint8)
+    linear = model.layers[0]
+    expected = ((images.flatten(1).double() / 255 - 0.25) / 0.5) @ linear.weight.double().T + linear.bias.double()
+    torch.testing.assert_close(model(images).double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_mlp_shape_and_logreg_ignores_hidden() -> None:
+    mlp = Classifier(architecture_for("mlp", (32, 16), META))
+    assert [layer.out_features for layer in mlp.layers if isinstance(layer, torch.nn.Linear)] == [32, 16, 10]
+    assert architecture_for("logreg", (32, 16), META)["hidden"] == []
+
+
+def test_one_sgd_step_equals_the_closed_form_gradient() -> None:
+    """Softmax cross-entropy: dL/dW = (softmax(XW^T + b) - onehot)^T X / B, the oracle for autograd + SGD."""
+    torch.manual_seed(1)
+    model = Classifier(architecture_for("logreg", (), META))
+    images = torch.randint(0, 256, (8, 28, 28), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (8,))
+    inputs = (images.flatten(1).float() / 255 - 0.25) / 0.5
+    weight, bias = model.layers[0].weight.detach().clone(), model.layers[0].bias.detach().clone()
+    residual = (inputs @ weight.T + bias).softmax(1) - F.one_hot(labels, 10).float()
+    lr = 0.1
+    expected_weight = weight - lr * residual.T @ inputs / 8
+    expected_bias = bias - lr * residual.mean(0)
+
+    optimizer = make_optimizer("sgd", model.parameters(), lr=lr, momentum=0.0, weight_decay=0.0)
+    train_epoch(model, images, labels, torch.arange(8), batch_size=8, optimizer=optimizer)
+    torch.testing.assert_close(model.layers[0].weight.detach(), expected_weight, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(model.layers[0].bias.detach(), expected_bias, rtol=1e-4, atol=1e-5)
+
+
+def test_train_epoch_reports_the_mean_loss_over_batches_of_unequal_size() -> None:
+    torch.manual_seed(2)
+    model = Classifier(architecture_for("logreg", (), META))
+    images = torch.randint(0, 256, (10, 28, 28), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (10,))
+    optimizer = make_optimizer("sgd", model.parameters(), lr=0.0001, momentum=0.0, weight_decay=0.0)
+    scores = train_epoch(model, images, labels, torch.arange(10), batch_size=4, optimizer=optimizer)
+    # With a tiny lr the weights hardly move, so the mean is close to the loss of the untrained model.
+    untrained = F.cross_entropy(model(images), labels).item()
+    assert scores.loss == pytest.approx(untrained, rel=1e-2)
+
+
+def test_predict_in_batches_equals_one_pass_and_score_by_hand() -> None:
+    torch.manual_seed(3)
+    model = Classifier(architecture_for("mlp", (16,), META))
+    images = torch.randint(0, 256, (23, 28, 28), dtype=torch.uint8)
+    torch.testing.assert_close(predict(model, images, batch_size=5), predict(model, images, batch_size=100))
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 0.0]])
+    labels = torch.tensor([0, 0, 0])
+    scores = score(logits, labels)
+    assert scores.accuracy == pytest.approx(2 / 3)
+    assert scores.loss == pytest.approx(F.cross_entropy(logits, labels).item())
+
+
+def test_epoch_order_is_a_seeded_permutation_drawn_on_the_cpu() -> None:
+    first = epoch_order(100, torch.Generator().manual_seed(5), torch.device("cpu"))
+    assert sorted(first.tolist()) == list(range(100))
+    assert torch.equal(first, torch.randperm(100, generator=torch.Generator().manual_seed(5)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_epoch_order_on_cuda_is_the_cpu_order() -> None:
+    on_gpu = epoch_order(100, torch.Generator().manual_seed(5), torch.device("cuda"))
+    assert on_gpu.device.type == "cuda"
+    assert torch.equal(on_gpu.cpu(), epoch_order(100, torch.Generator().manual_seed(5), torch.device("cpu")))
+
+
+def test_split_is_seeded_disjoint_and_complete() -> None:
+    images = torch.arange(50, dtype=torch.uint8).view(50, 1, 1).expand(50, 2, 2).contiguous()
+    labels = torch.arange(50) % 10
+    splits = split_train_val(images, labels, val_size=10, seed=0)
+    again = split_train_val(images, labels, val_size=10, seed=0)
+    other = split_train_val(images, labels, val_size=10, seed=1)
+    train_ids, val_ids = splits["train"][0][:, 0, 0].tolist(), splits["val"][0][:, 0, 0].tolist()
+    assert len(val_ids) == 10 and sorted(train_ids + val_ids) == list(range(50))
+    assert train_ids == sorted(train_ids) and val_ids == sorted(val_ids)  # the file's order is kept
+    assert torch.equal(splits["val"][0], again["val"][0]) and not torch.equal(splits["val"][0], other["val"][0])
+    assert splits["val"][1].tolist() == [i % 10 for i in val_ids]
+    with pytest.raises(StageError, match=r"^preprocess.val_size: 50 is not smaller than the training set \(50"):
+        split_train_val(images, labels, val_size=50, seed=0)
+
+
+def test_pixel_statistics_against_numpy() -> None:
+    images = torch.randint(0, 256, (20, 28, 28), dtype=torch.uint8)
+    mean, std = pixel_statistics(images)
+    pixels = images.numpy().astype("float64") / 255
+    assert mean == pytest.approx(pixels.mean(), abs=1e-8)
+    assert std == pytest.approx(pixels.std(ddof=1), abs=1e-8)
+
+
+def test_devices_that_are_absent_are_refused() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert resolve_device("auto", "train.device") == torch.device("cpu")
+    assert resolve_device("cpu", "train.device") == torch.device("cpu")
+    with pytest.raises(
+        StageError, match=r"^train.device: cuda is not available \(0 CUDA devices here\); use auto or cpu$"
+    ):
+        resolve_device("cuda", "train.device")
+    with pytest.raises(
+        StageError, match=r"^train.precision: fp16 needs a CUDA device \(this run uses cpu\); use fp32$"
+    ):
+        autocast_for(torch.device("cpu"), "fp16", "train.precision")
+
+
+def test_saved_model_round_trips_and_is_the_same_bytes_in_another_process(tmp_path: Path) -> None:
+    torch.manual_seed(4)
+    model = Classifier(architecture_for("mlp", (8,), META))
+    card = {"architecture": architecture_for("mlp", (8,), META), "classes": META["classes"]}
+    save_model(tmp_path, model, card)
+    loaded, loaded_card = load_model(tmp_path)
+    images = torch.randint(0, 256, (3, 28, 28), dtype=torch.uint8)
+    torch.testing.assert_close(loaded(images), model.eval()(images))
+    assert loaded_card == card
+
+    # The same weights saved by a fresh process give the same bytes (torch.save would not: it embeds a
+    # random serialization id), which is what keeps DVC from rerunning everything downstream.
+    script = (
+        "import sys, torch; from stages.model import save_model, load_model; from pathlib import Path; "
+        "m, c = load_model(Path(sys.argv[1])); save_model(Path(sys.argv[2]), m, c)"
+    )
+    (tmp_path / "again").mkdir()
+    subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path), str(tmp_path / "again")],
+        check=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    for name in ("model.safetensors", "model.json"):
+        assert (tmp_path / "again" / name).read_bytes() == (tmp_path / name).read_bytes()
