@@ -10,6 +10,7 @@ import os
 import pty
 import re
 import signal
+import socket
 import struct
 import subprocess
 import termios
@@ -199,6 +200,13 @@ def test_wrong_bytes_on_the_first_mirror_good_on_the_second_through_dvc_repro(
     assert "data/raw" in (tiny_project / "dvc.lock").read_text()
 
 
+def closed_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (bound, then released)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def test_every_mirror_bad_lists_every_attempt(
     tiny_project: Path, mirror_folder: Path, http: HttpMirror, tmp_path: Path
 ) -> None:
@@ -206,20 +214,33 @@ def test_every_mirror_bad_lists_every_attempt(
     bad.mkdir()
     (bad / TRAIN_IMAGES).write_bytes(gzip.compress(b"not the dataset", mtime=0))
     http.script(f"flaky/{TRAIN_IMAGES}", status(503))
-    mirrors = [f"{http.url}/missing/", f"{http.url}/flaky/", str(tmp_path / "nowhere"), f"file://{bad}/"]
+    refused = f"http://127.0.0.1:{closed_port()}/"
+    mirrors = [f"{http.url}/missing/", f"{http.url}/flaky/", refused, str(tmp_path / "nowhere"), f"file://{bad}/"]
     configure(tiny_project, *mirrors, registry=[], retries=1)
     result = download(tiny_project)
     assert result.returncode == 1
     md5 = hashlib.md5((bad / TRAIN_IMAGES).read_bytes()).hexdigest()[:12]
     sha = hashlib.sha256(b"not the dataset").hexdigest()[:12]
+    reasons = [
+        "HTTP 404 Not Found",
+        "HTTP 503 Service Unavailable (after 2 attempts)",
+        "unreachable ([Errno 111] Connection refused)",
+        "no such file",
+        f"checksum mismatch (.gz md5 {md5}..., payload sha256 {sha}...; neither is the one in stages/datasets.yaml)",
+    ]
+    # A warning as each mirror fails (and before the retry), then one error listing every attempt.
+    assert warnings(result) == [
+        f"download: warning: {TRAIN_IMAGES} from {mirrors[0]}: {reasons[0]}; trying the next mirror",
+        f"download: warning: {TRAIN_IMAGES} from {mirrors[1]}: HTTP 503 Service Unavailable; retry 1 of 1 in 0.5s",
+        *(
+            f"download: warning: {TRAIN_IMAGES} from {m}: {r}; trying the next mirror"
+            for m, r in zip(mirrors[1:4], reasons[1:4], strict=True)
+        ),
+    ]
+    tried = "; ".join(f"{mirror}: {reason}" for mirror, reason in zip(mirrors, reasons, strict=True))
     assert result.stderr.splitlines()[-1] == (
-        f"download: error: could not get {TRAIN_IMAGES} from any mirror ("
-        f"{http.url}/missing/: HTTP 404 Not Found; "
-        f"{http.url}/flaky/: HTTP 503 Service Unavailable (after 2 attempts); "
-        f"{tmp_path}/nowhere: no such file; "
-        f"file://{bad}/: checksum mismatch (.gz md5 {md5}..., payload sha256 {sha}...; "
-        "neither is the one in stages/datasets.yaml)"
-        "); add a reachable mirror to data.mirrors in params.yaml"
+        f"download: error: could not get {TRAIN_IMAGES} from any mirror ({tried}); "
+        "add a reachable mirror to data.mirrors in params.yaml"
     )
     assert_nothing_usable(tiny_project, mirror_folder)
     assert not (tiny_project / "data" / "raw" / "dataset.json").exists()
