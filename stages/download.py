@@ -3,6 +3,9 @@
 Mirrors are tried in order (`data.mirrors`, then the registry's own); each file is accepted only when its
 checksum matches, and stored decompressed, so `data/raw/` has the same bytes (and DVC hash) whichever
 mirror served it: a Debian machine and one that downloaded from upstream share the run-cache.
+
+torchvision's `download_and_extract_archive` tries one URL, without timeouts it lets us set, retries or a
+second checksum for re-packaged mirrors, so the fetching is done here with urllib and tqdm.
 """
 
 from __future__ import annotations
@@ -11,14 +14,16 @@ import dataclasses
 import gzip
 import hashlib
 import http.client
-import shutil
 import sys
 import time
 import urllib.error
 import urllib.request
+import zlib
 from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import urlparse
+
+from tqdm import tqdm
 
 from stages.artifacts import atomic_file, remove_stale_temporaries, scratch_file, write_json
 from stages.cli import StageError, argument_parser, run
@@ -26,7 +31,10 @@ from stages.datasets import DatasetSpec, FileSpec, lookup
 from stages.params import load_section, require
 
 CHUNK = 1 << 16
-BACKOFF_S = 0.5  # first wait before retrying a transient error; doubles per retry
+BACKOFF_S = 0.5  # first wait before retrying on the same mirror; doubles per retry ...
+MAX_BACKOFF_S = 8.0  # ... up to this, so a large data.retries does not turn into minutes of sleeping
+TRANSIENT_HTTP = {408, 429}  # worth retrying, like every 5xx: the server is busy, not missing the file
+SCHEMES = ("http", "https", "file")
 MANIFEST = "dataset.json"
 
 
@@ -45,11 +53,30 @@ class DataParams:
     dataset: str  # a name in stages/datasets.yaml
     mirrors: tuple[str, ...]  # tried before the registry's own mirrors: URLs or local directories
     timeout_s: float  # per connection attempt and per read
-    retries: int  # extra attempts per mirror after a transient error (5xx, reset, timeout)
+    retries: int  # extra attempts per mirror after a transient error (5xx, reset, timeout, short body)
 
     def __post_init__(self) -> None:
         require(self.timeout_s > 0, "data.timeout_s", "must be > 0")
         require(self.retries >= 0, "data.retries", "must be >= 0")
+        for index, mirror in enumerate(self.mirrors):
+            check_mirror(f"data.mirrors[{index}]", mirror)
+
+
+def check_mirror(key: str, mirror: str) -> None:
+    """Refuse, before anything is fetched, a mirror that could only fail or be misread."""
+    require(mirror.strip() != "", key, "is empty; give an https://, http://, file:// URL or a local directory")
+    parsed = urlparse(mirror)
+    require(
+        parsed.scheme in (*SCHEMES, ""),
+        key,
+        f"{mirror!r} has unsupported scheme '{parsed.scheme}:'; use https://, http://, file:// or a local directory",
+    )
+    # file://data/mnist would silently mean the path /mnist on a host called "data".
+    require(
+        parsed.scheme != "file" or parsed.netloc in ("", "localhost"),
+        key,
+        f"{mirror!r} names a host; a file:// URL needs an absolute path, e.g. file:///srv/datasets/mnist/",
+    )
 
 
 def main() -> None:
@@ -59,28 +86,17 @@ def main() -> None:
     params = load_section(args.params, "data", DataParams)
     dataset = lookup(params.dataset)
     mirrors = [*params.mirrors, *dataset.mirrors]
-    for mirror in params.mirrors:
-        check_mirror(mirror)
     download_dataset(dataset, mirrors, args.out, timeout_s=params.timeout_s, retries=params.retries)
-
-
-def check_mirror(mirror: str) -> None:
-    scheme = urlparse(mirror).scheme
-    if scheme not in ("http", "https", "file", ""):
-        raise StageError(
-            f"data.mirrors: {mirror!r} has unsupported scheme '{scheme}:'; "
-            "use https://, http://, file:// or a local directory"
-        )
 
 
 def download_dataset(dataset: DatasetSpec, mirrors: list[str], out: Path, *, timeout_s: float, retries: int) -> None:
     """Fetch and verify every file of `dataset` into `out`, then write its manifest last."""
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out)
+    # Until the new manifest is written, nothing in `out` claims to be a complete, verified dataset.
     (out / MANIFEST).unlink(missing_ok=True)
     for spec in dataset.files.values():
         fetch_file(spec, mirrors, out, timeout_s=timeout_s, retries=retries)
-    # The manifest is written last: its presence says every file above was verified.
     write_json(
         out / MANIFEST,
         {
@@ -93,59 +109,94 @@ def download_dataset(dataset: DatasetSpec, mirrors: list[str], out: Path, *, tim
 
 def fetch_file(spec: FileSpec, mirrors: list[str], out: Path, *, timeout_s: float, retries: int) -> Path:
     """Try each mirror in turn; return the verified, decompressed file, or raise listing every attempt."""
-    target = out / spec.payload_name
     failures = []
-    for mirror in mirrors:
-        source = join(mirror, spec.name)
-        for attempt in range(retries + 1):
-            try:
-                with scratch_file(out, spec.name) as compressed, atomic_file(target) as payload:
-                    copy_from(source, compressed, timeout_s=timeout_s, label=spec.name)
-                    verify_and_decompress(spec, compressed, payload)
-                return target
-            except TransientError as error:
-                if attempt < retries:
-                    wait = BACKOFF_S * 2**attempt
-                    warn(f"{spec.name} from {mirror}: {error}; retrying in {wait:g}s")
-                    time.sleep(wait)
-                    continue
-                failures.append(f"{mirror}: {error}")
-            except MirrorError as error:
-                failures.append(f"{mirror}: {error}")
-            warn(f"{spec.name} from {mirror}: {failures[-1].split(': ', 1)[1]}; trying the next mirror")
-            break
+    for index, mirror in enumerate(mirrors):
+        try:
+            return fetch_from_mirror(spec, mirror, out, timeout_s=timeout_s, retries=retries)
+        except MirrorError as error:
+            failures.append(f"{mirror}: {error}")
+            if index + 1 < len(mirrors):
+                warn(f"{spec.name} from {mirror}: {error}; trying the next mirror")
     tried = "; ".join(failures) if failures else "no mirrors configured"
     raise StageError(
         f"could not get {spec.name} from any mirror ({tried}); add a reachable mirror to data.mirrors in params.yaml"
     )
 
 
-def join(mirror: str, name: str) -> str:
-    return mirror if mirror.endswith(name) else mirror.rstrip("/") + "/" + name
+def fetch_from_mirror(spec: FileSpec, mirror: str, out: Path, *, timeout_s: float, retries: int) -> Path:
+    """Fetch one file from one mirror, retrying transient errors with capped exponential backoff."""
+    source = mirror.rstrip("/") + "/" + spec.name
+    target = out / spec.payload_name
+    for attempt in range(retries + 1):
+        try:
+            # Both the .gz and the payload are temporaries in `out`; only a verified payload is renamed.
+            with scratch_file(out, spec.name) as compressed, atomic_file(target) as payload:
+                size, seconds = copy_from(source, compressed, timeout_s=timeout_s, label=spec.name)
+                matched = verify_and_decompress(spec, compressed, payload)
+        except TransientError as error:
+            if attempt == retries:
+                raise MirrorError(f"{error} (after {retries + 1} attempts)" if retries else str(error)) from None
+            wait = min(BACKOFF_S * 2**attempt, MAX_BACKOFF_S)
+            warn(f"{spec.name} from {mirror}: {error}; retry {attempt + 1} of {retries} in {wait:g}s")
+            time.sleep(wait)
+            continue
+        if not stderr_is_terminal():
+            # Without a terminal there is no bar: one line per file keeps CI logs readable.
+            print(
+                f"download: {spec.name}: {size:,} bytes from {mirror} in {seconds:.1f}s "
+                f"({size / max(seconds, 1e-6) / 1e6:.1f} MB/s), {matched} verified",
+                file=sys.stderr,
+            )
+        return target
+    raise AssertionError("unreachable: the loop returns or raises")
 
 
-def copy_from(source: str, destination: Path, *, timeout_s: float, label: str) -> None:
-    """Copy `source` (URL or path) into `destination`, classifying each failure as transient or not."""
+def copy_from(source: str, destination: Path, *, timeout_s: float, label: str) -> tuple[int, float]:
+    """Copy `source` (URL or path) into `destination`; return (bytes, seconds), classifying each failure."""
+    started = time.monotonic()
     try:
         with open_source(source, timeout_s) as (stream, expected_size):
             copied = copy_with_progress(stream, destination, expected_size, label)
     except urllib.error.HTTPError as error:
         reason = f"HTTP {error.code} {error.reason}"
-        raise (TransientError if error.code >= 500 else MirrorError)(reason) from None
-    except TimeoutError:
-        raise TransientError(f"timed out after {timeout_s:g}s") from None
-    except (ConnectionResetError, http.client.IncompleteRead, http.client.RemoteDisconnected) as error:
-        raise TransientError(f"connection broken ({type(error).__name__})") from None
+        error.close()
+        raise (TransientError if error.code >= 500 or error.code in TRANSIENT_HTTP else MirrorError)(reason) from None
     except urllib.error.URLError as error:
-        if isinstance(error.reason, TimeoutError):
-            raise TransientError(f"timed out after {timeout_s:g}s") from None
-        raise MirrorError(f"unreachable ({error.reason})") from None
+        # urllib wraps what happens while connecting; what happens later arrives unwrapped (below).
+        raise classify(error.reason, timeout_s, unreachable=True) from None
     except FileNotFoundError:
         raise MirrorError("no such file") from None
-    except OSError as error:
-        raise MirrorError(f"{type(error).__name__}: {error}") from None
+    except (OSError, http.client.HTTPException) as error:
+        raise classify(error, timeout_s, unreachable=False) from None
     if expected_size is not None and copied != expected_size:
-        raise TransientError(f"body ended after {copied} of {expected_size} bytes")
+        raise TransientError(f"body ended after {copied:,} of {expected_size:,} bytes")
+    return copied, time.monotonic() - started
+
+
+def classify(error: object, timeout_s: float, *, unreachable: bool) -> Exception:
+    if isinstance(error, TimeoutError):
+        return TransientError(f"timed out after {timeout_s:g}s")
+    if isinstance(error, (ConnectionResetError, ConnectionAbortedError, http.client.IncompleteRead)):
+        return TransientError(f"connection broken ({type(error).__name__})")
+    if unreachable:
+        return MirrorError(f"unreachable ({error})")
+    if isinstance(error, http.client.HTTPException):
+        return MirrorError(f"bad HTTP response ({type(error).__name__})")
+    return MirrorError(f"{type(error).__name__}: {error}")
+
+
+class HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow redirects to http(s) only: urllib would also follow one to ftp://, a scheme we refuse."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        scheme = urlparse(newurl).scheme
+        if scheme not in ("http", "https"):
+            fp.close()
+            raise MirrorError(f"redirected to unsupported scheme '{scheme}:' ({newurl})")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+OPENER = urllib.request.build_opener(HttpOnlyRedirects)
 
 
 class open_source:
@@ -158,9 +209,9 @@ class open_source:
         parsed = urlparse(self.source)
         if parsed.scheme in ("http", "https"):
             request = urllib.request.Request(self.source, headers={"User-Agent": "mnist-dvc-pipeline"})
-            self.stream = urllib.request.urlopen(request, timeout=self.timeout_s)
-            length = self.stream.headers.get("Content-Length")
-            return self.stream, int(length) if length is not None else None
+            self.stream = OPENER.open(request, timeout=self.timeout_s)
+            # http.client's parse of Content-Length: None when absent, malformed or chunked.
+            return self.stream, self.stream.length
         path = Path(urllib.request.url2pathname(parsed.path) if parsed.scheme == "file" else self.source)
         self.stream = open(path, "rb")
         return self.stream, path.stat().st_size
@@ -170,54 +221,53 @@ class open_source:
 
 
 def copy_with_progress(stream: BinaryIO, destination: Path, expected_size: int | None, label: str) -> int:
+    """Copy `stream` into `destination`, with a tqdm bar (bytes, rate) when stderr is a terminal."""
     copied = 0
-    started = time.monotonic()
-    with open(destination, "wb") as sink, progress_bar(expected_size, label) as bar:
+    bar = tqdm(
+        total=expected_size,
+        desc=label,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        file=sys.stderr,
+        disable=not stderr_is_terminal(),
+    )
+    with open(destination, "wb") as sink, bar:
         for block in iter(lambda: stream.read(CHUNK), b""):
             sink.write(block)
             copied += len(block)
-            bar(len(block))
-    if not sys.stderr.isatty():
-        seconds = max(time.monotonic() - started, 1e-6)
-        print(
-            f"{label}: {copied:,} bytes in {seconds:.1f}s ({copied / seconds / 1e6:.1f} MB/s)",
-            file=sys.stderr,
-        )
+            bar.update(len(block))
     return copied
 
 
-class progress_bar:
-    """A tqdm bar on a terminal; nothing per block otherwise (one summary line per file keeps CI logs short)."""
+def verify_and_decompress(spec: FileSpec, compressed: Path, payload: Path) -> str:
+    """Decompress `compressed` into `payload`; return the checksum that matched, or raise MirrorError.
 
-    def __init__(self, total: int | None, label: str) -> None:
-        self.total, self.label, self.bar = total, label, None
-
-    def __enter__(self):
-        if sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=self.total, desc=self.label, unit="B", unit_scale=True, unit_divisor=1024)
-            return self.bar.update
-        return lambda _count: None
-
-    def __exit__(self, *exc: object) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def verify_and_decompress(spec: FileSpec, compressed: Path, payload: Path) -> None:
-    """Accept the file if its .gz md5 or its decompressed sha256 matches the registry; else MirrorError."""
+    A file is good when the md5 of its .gz or the sha256 of its payload is the registry's: the second
+    accepts a re-compressed mirror (Debian's) whose payload is the original.
+    """
     gz_md5 = digest(compressed, "md5")
+    payload_sha256 = hashlib.sha256()
+    written = 0
     try:
         with gzip.open(compressed, "rb") as source, open(payload, "wb") as sink:
-            shutil.copyfileobj(source, sink, CHUNK)
-    except (OSError, EOFError) as error:
+            for block in iter(lambda: source.read(CHUNK), b""):
+                written += len(block)
+                # A mirror serving something else must not fill the disk before the checksum says so.
+                if spec.payload_size is not None and written > spec.payload_size:
+                    raise MirrorError(f"decompresses to more than the expected {spec.payload_size:,} bytes")
+                payload_sha256.update(block)
+                sink.write(block)
+    except (OSError, EOFError, zlib.error) as error:
         raise MirrorError(f"not a valid gzip file ({error})") from None
     if spec.gz_md5 is not None and gz_md5 == spec.gz_md5:
-        return
-    if spec.payload_sha256 is not None and digest(payload, "sha256") == spec.payload_sha256:
-        return
-    raise MirrorError(f"checksum mismatch (md5 of .gz {gz_md5})")
+        return ".gz md5"
+    if spec.payload_sha256 is not None and payload_sha256.hexdigest() == spec.payload_sha256:
+        return "payload sha256"
+    raise MirrorError(
+        f"checksum mismatch (.gz md5 {gz_md5[:12]}..., payload sha256 {payload_sha256.hexdigest()[:12]}...; "
+        "neither is the one in stages/datasets.yaml)"
+    )
 
 
 def digest(path: Path, algorithm: str) -> str:
@@ -226,6 +276,10 @@ def digest(path: Path, algorithm: str) -> str:
         for block in iter(lambda: stream.read(1 << 20), b""):
             hasher.update(block)
     return hasher.hexdigest()
+
+
+def stderr_is_terminal() -> bool:
+    return sys.stderr.isatty()
 
 
 def warn(message: str) -> None:

@@ -15,6 +15,11 @@ import torch
 from stages.cli import StageError
 
 UNSIGNED_BYTE = 0x08  # the only element type MNIST-family files use
+GZIP_MAGIC = b"\x1f\x8b"
+ROLE = {1: "labels: count", 3: "images: count, height, width"}
+# Raw files were verified when downloaded, so a defect means they were changed since, or a registered
+# dataset is itself broken: either way the fix is to fetch them again.
+REFETCH = "re-download it: dvc repro --force download"
 
 
 def read_idx(path: Path, dimensions: int) -> torch.Tensor:
@@ -23,23 +28,31 @@ def read_idx(path: Path, dimensions: int) -> torch.Tensor:
         data = path.read_bytes()
     except FileNotFoundError:
         raise StageError(f"{path}: missing; rerun the download stage (dvc repro download)") from None
-    header_size = 4 + 4 * dimensions
+    if data[:2] == GZIP_MAGIC:
+        raise StageError(f"{path}: still gzip-compressed, not an IDX file; {REFETCH}")
     if len(data) < 4:
-        raise StageError(f"{path}: not an IDX file (only {len(data)} bytes)")
+        raise StageError(f"{path}: not an IDX file (only {len(data)} bytes); {REFETCH}")
     zero, element_type, ndim = int.from_bytes(data[0:2], "big"), data[2], data[3]
-    if zero != 0 or element_type != UNSIGNED_BYTE or ndim != dimensions:
+    if zero != 0 or element_type != UNSIGNED_BYTE:
         raise StageError(
             f"{path}: bad IDX magic number 0x{data[:4].hex()}; expected 0x0000080{dimensions} "
-            f"(unsigned bytes, {dimensions} dimensions)"
+            f"(unsigned bytes, {dimensions} dimensions); {REFETCH}"
         )
+    if ndim != dimensions:
+        raise StageError(
+            f"{path}: IDX file has {ndim} dimensions, expected {dimensions} ({ROLE[dimensions]}); "
+            "is it the right file of the pair?"
+        )
+    header_size = 4 + 4 * dimensions
     if len(data) < header_size:
-        raise StageError(f"{path}: IDX header truncated ({len(data)} bytes, needs {header_size})")
+        raise StageError(f"{path}: IDX header truncated ({len(data)} bytes, needs {header_size}); {REFETCH}")
     shape = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(dimensions)]
     expected = header_size + math.prod(shape)
     if len(data) != expected:
+        defect = "truncated" if len(data) < expected else "trailing bytes"
         raise StageError(
             f"{path}: header says {'x'.join(map(str, shape))} values ({expected} bytes) "
-            f"but the file has {len(data)} bytes"
+            f"but the file has {len(data)} bytes ({defect}); {REFETCH}"
         )
     # bytearray: frombuffer needs a writable buffer to hand out a tensor without a warning.
     return torch.frombuffer(bytearray(data), dtype=torch.uint8, offset=header_size).view(shape)
@@ -56,6 +69,7 @@ def read_split(images_path: Path, labels_path: Path, num_classes: int) -> tuple[
         )
     if len(labels) and int(labels.max()) >= num_classes:
         raise StageError(
-            f"{labels_path}: label {int(labels.max())} is outside the {num_classes} classes (0..{num_classes - 1})"
+            f"{labels_path}: label {int(labels.max())} is outside the {num_classes} classes (0..{num_classes - 1}); "
+            "the labels do not belong to this dataset's class list"
         )
     return images, labels.long()
