@@ -1,0 +1,69 @@
+"""Check that a DVC remote is reachable and accepts this clone's credentials, naming the remote if not.
+
+`dvc push` and `dvc pull` report a refused key as, for example, "unexpected error - Forbidden: An error
+occurred (403) when calling the HeadObject operation", without saying which remote or what to change.
+`python -m stages.remote [NAME]` reads the remote exactly as DVC does (.dvc/config, config.local, the
+environment) and turns the same failures into one line that names the remote and the fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from stages.cli import StageError, run
+
+CREDENTIALS_FIX = (
+    "set them in this clone only: `dvc remote modify --local {name} access_key_id ...` and "
+    "`... secret_access_key ...`, or export AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
+)
+
+
+def nearest_listable(fs, path: str) -> str:
+    """List `path`, or its nearest existing parent: a remote folder appears only with its first push."""
+    probe = path
+    while True:
+        try:
+            fs.ls(probe)
+            return probe
+        except FileNotFoundError:
+            parent = fs.parent(probe)
+            if not parent or parent == probe:
+                raise
+            probe = parent
+
+
+def check_remote(name: str | None) -> str:
+    """Return a one-line report on remote `name` (the default remote when None); raise StageError if unusable."""
+    from dvc.config import NoRemoteError
+    from dvc.repo import Repo
+
+    with Repo() as repo:
+        try:
+            remote = repo.cloud.get_remote(name)
+        except NoRemoteError as error:
+            raise StageError(f"{error}; list the remotes with `dvc remote list`") from None
+        fs, path = remote.fs, remote.path
+        label = f"remote '{remote.name}' ({fs.unstrip_protocol(path)})"
+        try:
+            found = nearest_listable(fs, path)
+        except PermissionError as error:
+            raise StageError(
+                f"{label} refused this clone's credentials ({error}); {CREDENTIALS_FIX.format(name=remote.name)}"
+            ) from None
+        except FileNotFoundError:
+            raise StageError(f"{label} does not exist: create the bucket, or fix the url") from None
+        except Exception as error:  # botocore and aiohttp raise their own classes for an unreachable endpoint
+            raise StageError(f"{label} is unreachable: {error}; check its endpointurl and the network") from None
+    state = "reachable" if found == path else "reachable, still empty (the first `dvc push` creates it)"
+    return f"{label}: {state}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("name", nargs="?", help="remote name (default: the project's default remote)")
+    args = parser.parse_args()
+    print(check_remote(args.name))
+
+
+if __name__ == "__main__":
+    run(main)
