@@ -146,15 +146,15 @@ TINY_PARAMS = {
 }
 
 
-@pytest.fixture
-def tiny_project(tmp_path: Path) -> Path:
-    """A git repo holding a copy of the project, set up to run on a tiny synthetic dataset.
+def make_tiny_project(root: Path) -> Path:
+    """A git repo holding a copy of the project in `root`/project, set up to run on a tiny synthetic dataset.
 
-    The dataset is registered with real checksums of the files it serves from a local-directory mirror;
-    the metrics committed for the real dataset are removed so that nothing stale is mistaken for output.
+    The dataset is registered with real checksums of the files it serves from a local-directory mirror
+    (`root`/mirror); the metrics committed for the real dataset are removed so that nothing stale is
+    mistaken for output.
     """
-    project = copy_project(tmp_path / "project")
-    entry = write_dataset(tmp_path / "mirror")
+    project = copy_project(root / "project")
+    entry = write_dataset(root / "mirror")
     register_dataset(project, TINY, entry)
     set_params(project, **TINY_PARAMS)
     (project / "dvc.lock").unlink(missing_ok=True)
@@ -163,3 +163,9 @@ def tiny_project(tmp_path: Path) -> Path:
     run(project, "git", "add", "-A")
     run(project, "git", "commit", "-qm", "tiny project")
     return project
+
+
+@pytest.fixture
+def tiny_project(tmp_path: Path) -> Path:
+    """A tiny project (see make_tiny_project) for one test."""
+    return make_tiny_project(tmp_path)
