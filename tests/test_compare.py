@@ -249,9 +249,12 @@ def test_queued_grid_finishes_all_four(clone: Path, history: Path) -> None:
         train = exp["data"]["params"]["params.yaml"]["data"]["train"]
         found[(train["lr"], train["batch_size"])] = exp["data"]["metrics"]
     assert set(found) == GRID
+    results = set()
     for key, metrics in found.items():
-        assert 0 <= metrics["metrics/test.json"]["data"]["accuracy"] <= 1, key
-        assert "val" in metrics["metrics/training/metrics.json"]["data"], key
+        test, training = metrics["metrics/test.json"]["data"], metrics["metrics/training/metrics.json"]["data"]
+        assert 0 <= test["accuracy"] <= 1, key
+        results.add((test["loss"], training["train"]["loss"], training["val"]["loss"]))
+    assert len(results) == len(GRID)  # each experiment reports its own run, not a copy of the baseline's
 
 
 def wait_for_queue(clone: Path, timeout: float) -> str:
