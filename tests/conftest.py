@@ -147,10 +147,11 @@ TINY_PARAMS = {
 
 
 def make_tiny_project(root: Path) -> Path:
-    """Build, in `root`, a git repo holding a copy of the project set up to run on a tiny synthetic dataset.
+    """A git repo holding a copy of the project in `root`/project, set up to run on a tiny synthetic dataset.
 
-    The dataset is registered with real checksums of the files it serves from a local-directory mirror;
-    the metrics committed for the real dataset are removed so that nothing stale is mistaken for output.
+    The dataset is registered with real checksums of the files it serves from a local-directory mirror
+    (`root`/mirror); the metrics committed for the real dataset are removed so that nothing stale is
+    mistaken for output.
     """
     project = copy_project(root / "project")
     entry = write_dataset(root / "mirror")
@@ -166,5 +167,5 @@ def make_tiny_project(root: Path) -> Path:
 
 @pytest.fixture
 def tiny_project(tmp_path: Path) -> Path:
-    """A git repo holding a copy of the project, set up to run on a tiny synthetic dataset."""
+    """A tiny project (see make_tiny_project) for one test."""
     return make_tiny_project(tmp_path)

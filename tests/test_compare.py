@@ -1,0 +1,279 @@
+"""Comparing results across commits and experiments, through DVC's own commands, in fresh clones.
+
+A tiny project gets a history of three commits: no results yet, a run with one learning rate, a run with
+another. Every check runs in a `git clone` of it with nothing pulled: what is compared must come from git.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import shutil
+import subprocess
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import PROJECT, dvc, make_tiny_project, run, set_params, stages_run
+
+ALL_STAGES = ["download", "preprocess", "train", "evaluate"]
+# One epoch each: at the smaller rate the logreg is still far from the answer, at the larger it gets there.
+RUN_1, RUN_2 = {"train.lr": 0.0003}, {"train.lr": 0.01}
+N_TEST = 200  # test images of the tiny dataset (conftest.write_dataset)
+GRID = {(0.01, 256), (0.01, 1024), (0.1, 256), (0.1, 1024)}  # (train.lr, train.batch_size)
+BROWSER_NAMES = ("chromium", "chromium-browser", "google-chrome")
+
+
+def git_show(repo: Path, rev: str, path: str) -> str:
+    return run(repo, "git", "show", f"{rev}:{path}").stdout
+
+
+@pytest.fixture(scope="module")
+def history(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny project with three commits: `tiny project` (no metrics), `run 1` and `run 2`."""
+    project = make_tiny_project(tmp_path_factory.mktemp("history"))
+    set_params(project, **{"train.epochs": 1})
+    for message, changes in (("run 1", RUN_1), ("run 2", RUN_2)):
+        set_params(project, **changes)
+        dvc(project, "repro")
+        run(project, "git", "add", "-A")
+        run(project, "git", "commit", "-qm", message)
+    committed = run(project, "git", "ls-files").stdout.split()
+    # The train stage's outputs stay in DVC's cache; only the evaluate report is in git.
+    assert "metrics/test.json" in committed and "metrics/confusion.csv" in committed
+    assert not [path for path in committed if path.startswith(("data/", "models/"))]
+    return project
+
+
+@pytest.fixture
+def clone(history: Path, tmp_path: Path) -> Path:
+    """A fresh `git clone` of the history: no DVC cache, no data, no models, nothing pulled."""
+    run(tmp_path, "git", "clone", "-q", str(history), "clone")
+    clone = tmp_path / "clone"
+    assert not (clone / "models").exists() and not (clone / "data").exists()
+    assert not (clone / ".dvc" / "cache").exists()
+    return clone
+
+
+def test_metrics_diff_reports_the_accuracy_change(clone: Path) -> None:
+    diff = json.loads(dvc(clone, "metrics", "diff", "HEAD~1", "--json").stdout)
+
+    old = json.loads(git_show(clone, "HEAD~1", "metrics/test.json"))
+    new = json.loads(git_show(clone, "HEAD", "metrics/test.json"))
+    accuracy = diff["metrics/test.json"]["accuracy"]
+    assert (accuracy["old"], accuracy["new"]) == (old["accuracy"], new["accuracy"])
+    assert accuracy["diff"] == pytest.approx(new["accuracy"] - old["accuracy"])
+    assert accuracy["diff"] > 0  # the larger learning rate learns more in one epoch
+    assert "val.accuracy" in diff["metrics/training/metrics.json"]
+
+    table = dvc(clone, "metrics", "diff", "HEAD~1", "--md").stdout
+    assert re.search(r"^\| Path +\| Metric +\| HEAD~1 +\| workspace +\| Change +\|$", table, re.M)
+    assert re.search(r"^\| metrics/test\.json +\| accuracy +\|", table, re.M)
+
+
+def test_params_diff_reports_the_params_change(clone: Path) -> None:
+    diff = json.loads(dvc(clone, "params", "diff", "HEAD~1", "--json").stdout)
+    assert diff == {
+        "params.yaml": {"train.lr": {"old": RUN_1["train.lr"], "new": RUN_2["train.lr"], "diff": pytest.approx(0.0097)}}
+    }
+    table = dvc(clone, "params", "diff", "HEAD~1").stdout
+    assert re.search(r"^params\.yaml +train\.lr +0\.0003 +0\.01$", table, re.M)
+
+
+def declared_plots(project: Path) -> list[str]:
+    """The ids of dvc.yaml's top-level plots, with `${var}` filled in from its vars."""
+    dvc_yaml = yaml.safe_load((project / "dvc.yaml").read_text())
+    variables = {key: value for entry in dvc_yaml["vars"] for key, value in entry.items()}
+    ids = [next(iter(plot)) if isinstance(plot, dict) else plot for plot in dvc_yaml["plots"]]
+    return [re.sub(r"\$\{(\w+)\}", lambda m: variables[m[1]], plot_id) for plot_id in ids]
+
+
+def test_plots_show_renders_every_declared_plot(clone: Path) -> None:
+    shown = json.loads(dvc(clone, "plots", "show", "--json").stdout)
+    assert "errors" not in shown
+    assert list(shown["data"]) == declared_plots(clone)
+    for name, renderers in shown["data"].items():
+        assert [r["revisions"] for r in renderers] == [["workspace"]], name
+
+
+def page_specs(page: str) -> dict[str, dict]:
+    """The Vega-Lite spec of each chart in a `dvc plots` HTML page, by its div id."""
+    pattern = r'<div id = "([^"]+)">\s*<script type = "text/javascript">\s*var spec = (\{.*\});\s*vegaEmbed'
+    return {div: json.loads(spec) for div, spec in re.findall(pattern, page)}
+
+
+def test_plots_diff_page_holds_both_confusion_matrices(clone: Path, tmp_path: Path) -> None:
+    out = tmp_path / "plots"
+    dvc(clone, "plots", "diff", "HEAD~1", "-o", str(out))
+    specs = page_specs((out / "index.html").read_text())
+    assert len(specs) == len(declared_plots(clone)) - 1  # all but the PNG grid are Vega charts
+
+    rows = specs["Test_confusion_matrix"]["data"]["values"]
+    for rev, git_rev in (("HEAD~1", "HEAD~1"), ("workspace", "HEAD")):
+        # The page's cells for this revision are exactly the (actual, predicted) pairs committed there.
+        drawn = Counter((r["actual"], r["predicted"]) for r in rows if r["rev"] == rev)
+        committed = Counter(map(tuple, csv.reader(io.StringIO(git_show(clone, git_rev, "metrics/confusion.csv")))))
+        del committed[("actual", "predicted")]
+        assert drawn == committed and sum(drawn.values()) == N_TEST, rev
+        assert {actual for actual, _ in drawn} <= {f"class {k}" for k in range(10)}  # names, not indices
+    for div, spec in specs.items():
+        assert {r["rev"] for r in spec["data"]["values"]} == {"HEAD~1", "workspace"}, div
+
+    # The PNG grid is copied for each revision, byte for byte.
+    grid = "metrics/misclassified.png"
+    old_png = subprocess.run(["git", "show", f"HEAD~1:{grid}"], cwd=clone, capture_output=True, check=True).stdout
+    assert (out / "static" / "HEAD~1_metrics_misclassified.png").read_bytes() == old_png
+    assert (out / "static" / "workspace_metrics_misclassified.png").read_bytes() == (clone / grid).read_bytes()
+
+
+def find_browser() -> str | None:
+    return next(filter(None, map(shutil.which, BROWSER_NAMES)), None)
+
+
+def browse(browser: str, profile: Path, *args: str) -> subprocess.CompletedProcess:
+    """Headless Chromium with nothing that phones home; a new profile each call."""
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={profile}",
+        "--virtual-time-budget=10000",  # lets the page's scripts finish before the dump or screenshot
+    ]
+    return subprocess.run([browser, *flags, *args], capture_output=True, text=True, timeout=180, check=True)
+
+
+def test_plots_page_renders_offline_in_chromium(clone: Path, tmp_path: Path) -> None:
+    browser = find_browser()
+    if browser is None:
+        pytest.skip("no chromium on PATH (apt-get install chromium)")
+    out = tmp_path / "plots"
+    dvc(clone, "plots", "diff", "HEAD~1", "-o", str(out))
+    page = out / "index.html"
+    html = page.read_text()
+    assert not re.search(r"<script[^>]+src=", html), "the page still loads scripts from elsewhere"
+
+    dom = browse(browser, tmp_path / "profile-dom", "--dump-dom", page.as_uri()).stdout
+    # vega-embed adds a <canvas class="marks"> for each chart it drew; none appear if Vega failed to load.
+    canvases = re.findall(r'<canvas width="(\d+)" height="(\d+)" class="marks">', dom)
+    assert len(canvases) == len(page_specs(html)), f"{len(canvases)} charts drawn:\n{dom[-3000:]}"
+    assert all(int(w) > 100 and int(h) > 100 for w, h in canvases)
+
+    import torch
+    from PIL import Image
+
+    shot = tmp_path / "plots.png"
+    browse(browser, tmp_path / "profile-shot", "--window-size=1400,1800", f"--screenshot={shot}", page.as_uri())
+    with Image.open(shot) as image:
+        pixels = torch.frombuffer(bytearray(image.convert("RGB").tobytes()), dtype=torch.uint8).view(-1, 3)
+    # Coloured pixels come from the charts only: the page and the PNG grid are grey.
+    coloured = int(((pixels.amax(1).int() - pixels.amin(1).int()) > 40).sum())
+    assert coloured > 50_000, f"{shot}: only {coloured} coloured pixels; did the charts draw?"
+
+
+def test_offline_template_carries_the_vega_versions_dvc_asks_for() -> None:
+    from tools.offline_plots import TEMPLATE, dvc_versions
+
+    config = (PROJECT / ".dvc" / "config").read_text()
+    assert re.search(rf"^\s*html_template = {TEMPLATE.name}$", config, re.M)
+    inlined = dict(re.findall(r"<!-- ([a-z-]+)@(\S+) \(npm\)", TEMPLATE.read_text()))
+    assert inlined == dvc_versions(), "DVC's renderer changed its Vega versions: run python tools/offline_plots.py"
+
+
+def test_metrics_diff_against_a_commit_without_metrics(clone: Path) -> None:
+    result = dvc(clone, "metrics", "diff", "HEAD~2", "--json")  # `tiny project`: nothing run yet
+    assert "DVC failed to load some metrics for following revisions: 'HEAD~2'." in result.stderr
+    assert "Traceback" not in result.stderr
+    accuracy = json.loads(result.stdout)["metrics/test.json"]["accuracy"]
+    assert accuracy == {"old": None, "new": json.loads((clone / "metrics" / "test.json").read_text())["accuracy"]}
+
+
+def test_metrics_diff_with_a_metrics_file_that_is_not_json(clone: Path) -> None:
+    (clone / "metrics" / "test.json").write_text('{"accuracy": 0.9,\n')
+    result = dvc(clone, "metrics", "diff", "HEAD~1")
+    assert "DVC failed to load some metrics for following revisions: 'workspace'." in result.stderr
+    assert "Traceback" not in result.stderr
+    # The other metrics file still compares; the broken one shows its old values against "-".
+    assert re.search(r"^metrics/training/metrics\.json +val\.accuracy +\S+ +\S+ +\S+$", result.stdout, re.M)
+    assert re.search(r"^metrics/test\.json +accuracy +\S+ +- +-$", result.stdout, re.M)
+    # Which file, and why: what `dvc metrics show --json` says.
+    shown = json.loads(dvc(clone, "metrics", "show", "--json").stdout)
+    error = shown[""]["data"]["metrics/test.json"]["error"]
+    assert error["type"] == "JSONFileCorruptedError" and "JSON file structure is corrupted" in error["msg"]
+
+
+def experiments(clone: Path) -> list[dict]:
+    """The experiments `dvc exp show --json` lists under the baseline commit, newest first."""
+    rows = json.loads(dvc(clone, "exp", "show", "--json").stdout)
+    baseline = next(row for row in rows if row["rev"] != "workspace")
+    return [rev for exp in baseline.get("experiments") or [] for rev in exp["revs"]]
+
+
+def test_exp_run_from_a_clean_checkout(clone: Path) -> None:
+    assert run(clone, "git", "status", "--porcelain").stdout == ""
+    result = dvc(clone, "exp", "run", "-S", "train.lr=0.05")
+    assert stages_run(result) == ALL_STAGES  # nothing was pulled: the clone makes its own data
+    assert "Ran experiment(s):" in result.stdout
+
+    [exp] = experiments(clone)
+    assert exp["data"]["params"]["params.yaml"]["data"]["train"]["lr"] == 0.05
+    metrics = exp["data"]["metrics"]
+    assert metrics["metrics/test.json"]["data"] == json.loads((clone / "metrics" / "test.json").read_text())
+    assert set(metrics["metrics/training/metrics.json"]["data"]) >= {"train", "val"}
+    # DVCLive left DVC in charge: no experiment of its own, no dvc.yaml or report of its own.
+    changed = run(clone, "git", "status", "--porcelain", "--untracked-files=all").stdout.split("\n")
+    assert not [line for line in changed if "dvclive" in line or line.endswith(("dvc.yaml", "report.html"))]
+
+
+def test_queued_grid_finishes_all_four(clone: Path, history: Path) -> None:
+    # Share the history's cache, as a team shares one: the grid then reruns train and evaluate only.
+    dvc(clone, "cache", "dir", "--local", str(history / ".dvc" / "cache"))
+    queued = dvc(clone, "exp", "run", "--queue", "-S", "train.lr=0.01,0.1", "-S", "train.batch_size=256,1024")
+    assert queued.stdout.count("Queued experiment") == 4
+    dvc(clone, "queue", "start")
+    try:
+        status = wait_for_queue(clone, timeout=480)
+    finally:
+        stop_workers(clone)
+    assert status.count("Success") == 4, status
+
+    found = {}
+    for exp in experiments(clone):
+        train = exp["data"]["params"]["params.yaml"]["data"]["train"]
+        found[(train["lr"], train["batch_size"])] = exp["data"]["metrics"]
+    assert set(found) == GRID
+    results = set()
+    for key, metrics in found.items():
+        test, training = metrics["metrics/test.json"]["data"], metrics["metrics/training/metrics.json"]["data"]
+        assert 0 <= test["accuracy"] <= 1, key
+        results.add((test["loss"], training["train"]["loss"], training["val"]["loss"]))
+    assert len(results) == len(GRID)  # each experiment reports its own run, not a copy of the baseline's
+
+
+def wait_for_queue(clone: Path, timeout: float) -> str:
+    """Poll `dvc queue status` until no task is queued or running; return the last status."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = dvc(clone, "queue", "status").stdout
+        if not re.search(r"\b(Queued|Running)\b", status):
+            return status
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the queue did not finish in {timeout}s:\n{status}")
+        time.sleep(3)
+
+
+def stop_workers(clone: Path) -> None:
+    """Leave no queue worker behind: a worker idles for 10 s before it exits; stop it if it lingers."""
+    deadline = time.monotonic() + 60
+    while "Worker status: 0 active, 0 idle" not in dvc(clone, "queue", "status").stdout:
+        if time.monotonic() > deadline:
+            dvc(clone, "queue", "stop", "--kill", check=False)
+            return
+        time.sleep(2)
