@@ -9,12 +9,12 @@ PYTHON := $(VENV)/bin/python
 # stage fetches Fashion-MNIST from upstream instead.
 APT := $(shell command -v apt-get >/dev/null 2>&1 && { [ "$$(id -u)" = 0 ] && echo apt-get || { sudo -n true 2>/dev/null && echo "sudo apt-get"; }; })
 
-.PHONY: pipeline test setup setup-test system-packages
+.PHONY: pipeline test setup setup-test system-packages test-system-packages
 
 pipeline: setup system-packages
 	$(VENV)/bin/dvc repro
 
-test: setup-test system-packages
+test: setup-test test-system-packages
 	$(PYTHON) -m pytest
 
 setup: $(VENV)/.installed
@@ -30,10 +30,18 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	$(PYTHON) -m pip install --quiet -e '.[test]'
 	touch $@
 
-# dataset-fashion-mnist: the offline mirror of the default dataset. chromium: the offline plots check.
+# dataset-fashion-mnist: the offline mirror of the default dataset.
 system-packages:
-ifneq ($(APT),)
-	@dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || { $(APT) update -qq && DEBIAN_FRONTEND=noninteractive $(APT) install -y -qq dataset-fashion-mnist; }
-else
-	@echo "make: no apt-get here (or not root): the download stage will fetch Fashion-MNIST from upstream"
-endif
+	@$(call apt_install,dataset-fashion-mnist)
+
+# chromium: the test that opens `dvc plots show`'s page offline in a real browser (skipped without it).
+test-system-packages:
+	@$(call apt_install,dataset-fashion-mnist chromium)
+
+# Install the Debian packages not installed yet, where apt is usable; say what happens instead elsewhere.
+define apt_install
+missing=$$(for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+if [ -z "$$missing" ]; then :; \
+elif [ -n "$(APT)" ]; then $(APT) update -qq && DEBIAN_FRONTEND=noninteractive $(APT) install -y -qq $$missing; \
+else echo "make: cannot apt-get install $$missing here (no apt or not root): Fashion-MNIST comes from upstream, the browser test skips"; fi
+endef
