@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 
 import torch
 
@@ -36,10 +37,28 @@ def make_deterministic(tf32: bool = False) -> None:
     """Same params, same machine, same bytes: deterministic kernels, no TF32 unless asked for."""
     # cuBLAS needs a fixed workspace to be deterministic; it must be set before CUDA initialises.
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True)
+    # torch.use_deterministic_algorithms also sets torch._inductor.config.deterministic, and importing
+    # inductor costs about 1.1 s of start-up per stage here; it only matters under torch.compile, which
+    # no stage uses. The C setter is what it calls for eager kernels; the public one stays the fallback.
+    set_deterministic = getattr(torch._C, "_set_deterministic_algorithms", None)
+    if set_deterministic is None or "torch._inductor" in sys.modules:
+        torch.use_deterministic_algorithms(True)
+    else:
+        set_deterministic(True)
     torch.backends.cudnn.benchmark = False
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
+
+
+def set_cpu_threads(count: int) -> None:
+    """Use `count` threads for CPU ops (a CUDA run uses them only around its kernels).
+
+    Fixed rather than left to torch (one per core): a matmul's float sums depend on how it is split
+    among threads, so the same params give the same bytes on machines with other core counts; and on a
+    busy machine a small model trains several times faster on one thread than on two that wait for each
+    other (benchmarks/train_speed.py measures it).
+    """
+    torch.set_num_threads(count)
 
 
 def autocast_for(device: torch.device, precision: str, key: str) -> contextlib.AbstractContextManager:

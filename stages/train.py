@@ -17,9 +17,9 @@ from stages.artifacts import atomic_directory
 from stages.cli import argument_parser, run
 from stages.model import TRAINING_LOG, Classifier, architecture_for, save_model
 from stages.params import check_device, load_section, require
-from stages.runtime import autocast_for, make_deterministic, resolve_device
+from stages.runtime import autocast_for, make_deterministic, resolve_device, set_cpu_threads
 from stages.splits import load_meta, load_split
-from stages.training import epoch_order, make_optimizer, predict, score, train_epoch
+from stages.training import epoch_order, make_optimizer, make_schedule, predict, score, train_epoch
 
 EVAL_BATCH = 8192  # validation forward passes; the size changes memory use only, not results
 
@@ -32,11 +32,13 @@ class TrainParams:
     hidden: tuple[int, ...]  # hidden layer widths of the mlp; ignored by logreg
     optimizer: Literal["sgd", "adam", "adamw"]
     lr: float
+    lr_schedule: Literal["constant", "cosine"]  # per step; cosine decays lr to 0 by the last step
     momentum: float  # sgd only
     weight_decay: float
     batch_size: int
     epochs: int
     seed: int  # initial weights and shuffling
+    threads: int  # CPU threads for torch's ops; part of the recipe, as the float sums depend on it
     device: str  # auto | cpu | cuda | cuda:N | mps
     precision: Literal["fp32", "bf16", "fp16"]  # bf16/fp16 autocast on CUDA only
     tf32: bool  # allow TF32 matmuls on Ampere+ GPUs (faster, not bit-identical to fp32)
@@ -47,6 +49,7 @@ class TrainParams:
         require(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
         require(self.batch_size >= 1, "train.batch_size", "must be >= 1")
         require(self.epochs >= 1, "train.epochs", "must be >= 1")
+        require(self.threads >= 1, "train.threads", "must be >= 1")
         require(all(width >= 1 for width in self.hidden), "train.hidden", "widths must be >= 1")
         require(self.model != "mlp" or len(self.hidden) >= 1, "train.hidden", "the mlp needs at least one width")
         check_device("train.device", self.device)
@@ -61,6 +64,7 @@ def main() -> None:
     device = resolve_device(params.device, "train.device")
     autocast = autocast_for(device, params.precision, "train.precision")
     make_deterministic(params.tf32)
+    set_cpu_threads(params.threads)
 
     meta = load_meta(args.data)
     train_set = load_split(args.data, "train", device)
@@ -103,12 +107,16 @@ def fit(
         momentum=params.momentum,
         weight_decay=params.weight_decay,
     )
+    images, labels = train_set
+    steps_per_epoch = -(-len(images) // params.batch_size)  # the last batch may be smaller
+    scheduler = make_schedule(params.lr_schedule, optimizer, params.epochs * steps_per_epoch)
     scaler = torch.amp.GradScaler("cuda") if params.precision == "fp16" else None
     shuffle = torch.Generator().manual_seed(params.seed)
-    images, labels = train_set
     for _ in range(params.epochs):
         order = epoch_order(len(images), shuffle, device)
-        train_scores = train_epoch(model, images, labels, order, params.batch_size, optimizer, autocast, scaler)
+        train_scores = train_epoch(
+            model, images, labels, order, params.batch_size, optimizer, scheduler, autocast, scaler
+        )
         val_scores = score(predict(model, val_set[0], EVAL_BATCH), val_set[1])
         for split, scores in (("train", train_scores), ("val", val_scores)):
             live.log_metric(f"{split}/loss", round(scores.loss, 6))

@@ -1,0 +1,108 @@
+"""A whole `dvc repro` from scratch and a no-op one, against the tutorial done as one script.
+
+Run by hand, never in CI:
+
+    python -m benchmarks.pipeline_speed
+
+The project is copied (tracked and untracked-but-not-ignored files, as a fresh clone has them) into a
+temporary git repository with no DVC cache, so every stage runs; the download stage finds Debian's
+Fashion-MNIST offline. The single script does the same work in one process: "download" (gunzip Debian's
+files into torchvision's layout), parse them with torchvision's FashionMNIST, train the tutorial loop
+(ToTensor, DataLoader of batch 100, SGD) for as many epochs as params.yaml's train.epochs, and test.
+Each is timed as a whole command, interpreter start-up and imports included, in this one invocation.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+PROJECT = Path(__file__).resolve().parent.parent
+DEBIAN = Path("/usr/share/datasets/fashion-mnist")
+BIN = str(Path(sys.executable).parent)
+
+TUTORIAL = """
+import gzip, shutil, sys, tempfile
+from pathlib import Path
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from torchvision import datasets, transforms
+
+source, epochs = Path(sys.argv[1]), int(sys.argv[2])
+with tempfile.TemporaryDirectory() as root:
+    raw = Path(root) / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for split in ("train", "t10k"):
+        for name in (split + "-images-idx3-ubyte", split + "-labels-idx1-ubyte"):
+            with gzip.open(source / (name + ".gz")) as packed, open(raw / name, "wb") as out:
+                shutil.copyfileobj(packed, out)
+    train = datasets.FashionMNIST(root, train=True, download=False, transform=transforms.ToTensor())
+    test = datasets.FashionMNIST(root, train=False, download=False, transform=transforms.ToTensor())
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(epochs):
+        for images, labels in DataLoader(train, batch_size=100, shuffle=True):
+            loss = nn.functional.cross_entropy(model(images), labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    with torch.no_grad():
+        correct = sum((model(x).argmax(1) == y).sum().item() for x, y in DataLoader(test, batch_size=1000))
+    print(f"test accuracy {correct / len(test):.4f}")
+"""
+
+
+def timed(command: list[str], cwd: Path) -> tuple[float, str]:
+    env = {**os.environ, "PATH": BIN + os.pathsep + os.environ["PATH"], "DVC_NO_ANALYTICS": "1"}
+    start = time.perf_counter()
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
+    elapsed = time.perf_counter() - start
+    if result.returncode != 0:
+        sys.exit(f"{' '.join(command)} failed:\n{result.stdout}\n{result.stderr}")
+    return elapsed, result.stdout
+
+
+def copy_project(destination: Path) -> None:
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=PROJECT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\0")
+    for relative in filter(None, listed):
+        if (PROJECT / relative).is_file():
+            (destination / relative).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(PROJECT / relative, destination / relative)
+
+
+def main() -> None:
+    epochs = yaml.safe_load((PROJECT / "params.yaml").read_text())["train"]["epochs"]
+    with tempfile.TemporaryDirectory() as temp:
+        project = Path(temp) / "project"
+        copy_project(project)
+        git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@example.com"]
+        for command in (["git", "init", "-q"], ["git", "add", "-A"], [*git, "commit", "-qm", "copy"]):
+            subprocess.run(command, cwd=project, check=True)
+        scratch, _ = timed(["dvc", "repro"], project)
+        noop, out = timed(["dvc", "repro"], project)
+        assert "Data and pipelines are up to date." in out, out
+        accuracy = yaml.safe_load((project / "metrics" / "test.json").read_text())["accuracy"]
+        script, out = timed([sys.executable, "-c", TUTORIAL, str(DEBIAN), str(epochs)], Path(temp))
+    print(f"dvc repro from scratch (4 stages): {scratch:7.2f} s   test accuracy {accuracy:.4f}")
+    print(f"dvc repro, nothing changed:        {noop:7.2f} s")
+    print(f"tutorial as one script ({epochs} epochs):  {script:7.2f} s   {out.strip()}")
+    print(f"single script / pipeline from scratch: {script / scratch:.2f}x  (target >= 1: pipeline not slower)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,232 @@
+"""Training speed on the real Fashion-MNIST: the tutorial loop vs this project vs scikit-learn.
+
+Run by hand after `dvc repro` (it reads data/raw and data/processed), never in CI:
+
+    python -m benchmarks.train_speed [--tutorial-epochs 2]
+
+(a) the tutorial: torchvision's FashionMNIST over the raw IDX files, ToTensor, a DataLoader of batch 100,
+    a logreg trained by SGD; (b) this project's `fit` with the train params of params.yaml;
+(c) scikit-learn's LogisticRegression (lbfgs) on the same standardised pixels. Each variant runs in its
+own child process, so its peak memory (max RSS) is its own; all three run in this one invocation, so the
+ratios compare like with like on a busy machine.
+
+"Time to 0.842" is the training time of the shortest run whose model reaches 0.842 test accuracy: for (a)
+the cumulative epochs, for (b) the fit with the fewest epochs (its cosine schedule depends on the total,
+so each epoch count is its own run), for (c) the fit with the fewest lbfgs iterations out of a ladder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TARGET = 0.842
+RAW = Path("data/raw")
+PROCESSED = Path("data/processed")
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def tutorial(epochs: int) -> dict:
+    """(a) The PyTorch tutorial way: per-image PIL -> ToTensor through a DataLoader."""
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader
+    from torchvision import datasets, transforms
+
+    with tempfile.TemporaryDirectory() as root:
+        # torchvision wants root/FashionMNIST/raw/<uncompressed IDX files>; download=False keeps it offline.
+        raw = Path(root) / "FashionMNIST" / "raw"
+        raw.mkdir(parents=True)
+        for name in (
+            "train-images-idx3-ubyte",
+            "train-labels-idx1-ubyte",
+            "t10k-images-idx3-ubyte",
+            "t10k-labels-idx1-ubyte",
+        ):
+            shutil.copy(RAW / name, raw / name)
+        train = datasets.FashionMNIST(root, train=True, download=False, transform=transforms.ToTensor())
+        test = datasets.FashionMNIST(root, train=False, download=False, transform=transforms.ToTensor())
+        train_loader = DataLoader(train, batch_size=100, shuffle=True, generator=torch.Generator().manual_seed(0))
+        test_loader = DataLoader(test, batch_size=1000)
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        loss_fn = nn.CrossEntropyLoss()
+        trained, epoch_times, reached, accuracy = 0.0, [], None, 0.0
+        for _ in range(epochs):
+            start = time.perf_counter()
+            model.train()
+            for images, labels in train_loader:
+                loss = loss_fn(model(images), labels)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            epoch_times.append(time.perf_counter() - start)
+            trained += epoch_times[-1]
+            model.eval()
+            with torch.no_grad():
+                correct = sum((model(images).argmax(1) == labels).sum().item() for images, labels in test_loader)
+            accuracy = correct / len(test)
+            if reached is None and accuracy >= TARGET:
+                reached = trained
+    return {
+        "epoch_s": sum(epoch_times) / len(epoch_times),
+        "to_target_s": reached,
+        "accuracy": accuracy,
+        "note": f"{epochs} epochs, torch threads {torch.get_num_threads()}",
+    }
+
+
+class _Quiet:
+    """Stands in for DVCLive: fit() logs through it, the benchmark does not need the curves."""
+
+    def __init__(self) -> None:
+        self.summary: dict = {}
+
+    def log_metric(self, name, value):
+        pass
+
+    def next_step(self):
+        pass
+
+
+def project() -> dict:
+    """(b) stages.train.fit with params.yaml's train section, timed for 1..epochs epochs."""
+    import dataclasses
+
+    from stages.model import architecture_for
+    from stages.params import load_section
+    from stages.runtime import make_deterministic, resolve_device, set_cpu_threads
+    from stages.splits import load_meta, load_split
+    from stages.train import TrainParams, fit
+    from stages.training import predict, score
+
+    params = load_section(Path("params.yaml"), "train", TrainParams)
+    device = resolve_device(params.device, "train.device")
+    make_deterministic(params.tf32)
+    set_cpu_threads(params.threads)
+    meta = load_meta(PROCESSED)
+    train_set, val_set = load_split(PROCESSED, "train", device), load_split(PROCESSED, "val", device)
+    test_images, test_labels = load_split(PROCESSED, "test", device)
+    architecture = architecture_for(params.model, params.hidden, meta)
+    reached, accuracy, epoch_s = None, 0.0, 0.0
+    for epochs in range(1, params.epochs + 1):
+        run_params = dataclasses.replace(params, epochs=epochs)
+        start = time.perf_counter()
+        model = fit(run_params, architecture, train_set, val_set, device, None, _Quiet())
+        elapsed = time.perf_counter() - start
+        accuracy = score(predict(model, test_images, 8192), test_labels).accuracy
+        if reached is None and accuracy >= TARGET:
+            reached = elapsed
+        epoch_s = elapsed / epochs
+    return {
+        "epoch_s": epoch_s,
+        "to_target_s": reached,
+        "accuracy": accuracy,
+        "note": f"{params.optimizer} lr {params.lr} {params.lr_schedule} batch {params.batch_size} "
+        f"{params.epochs} epochs, {params.threads} thread(s), {device}",
+    }
+
+
+def sklearn() -> dict:
+    """(c) LogisticRegression(lbfgs) on standardised pixels, from scratch for each max_iter of a ladder."""
+    import warnings
+
+    import torch
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
+    from stages.splits import load_meta, load_split
+
+    meta = load_meta(PROCESSED)
+    cpu = torch.device("cpu")
+
+    def standardised(split):
+        images, labels = load_split(PROCESSED, split, cpu)
+        x = (images.flatten(1).double() / 255 - meta["mean"]) / meta["std"]
+        return x.numpy(), labels.numpy()
+
+    x_train, y_train = standardised("train")
+    x_test, y_test = standardised("test")
+    warnings.simplefilter("ignore", ConvergenceWarning)
+
+    def run(max_iter: int) -> tuple[float, float, int]:
+        start = time.perf_counter()
+        model = LogisticRegression(solver="lbfgs", max_iter=max_iter).fit(x_train, y_train)
+        return time.perf_counter() - start, model.score(x_test, y_test), int(model.n_iter_[0])
+
+    # A doubling ladder, then a bisection down to the fewest iterations that reach the target, so that
+    # scikit-learn is charged for exactly the iterations it needs (each fit is deterministic).
+    low, high, result = 0, 10, run(10)
+    while result[1] < TARGET and high < 1000:
+        low, high = high, 2 * high
+        result = run(high)
+    while high - low > 1 and result[1] >= TARGET:
+        middle = (low + high) // 2
+        attempt = run(middle)
+        if attempt[1] >= TARGET:
+            high, result = middle, attempt
+        else:
+            low = middle
+    elapsed, accuracy, iterations = result
+    return {
+        "epoch_s": elapsed / iterations,
+        "to_target_s": elapsed if accuracy >= TARGET else None,
+        "accuracy": accuracy,
+        "note": f"lbfgs, fewest iterations reaching {TARGET}: {iterations}; 'epoch' = one lbfgs iteration",
+    }
+
+
+def _child(name: str, kwargs: dict, queue) -> None:
+    result = VARIANTS[name](**kwargs)
+    result["peak_mb"] = peak_rss_mb()
+    queue.put(result)
+
+
+VARIANTS = {"tutorial": tutorial, "project": project, "sklearn": sklearn}
+
+
+def measure(name: str, **kwargs) -> dict:
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=_child, args=(name, kwargs, queue))
+    process.start()
+    result = queue.get()
+    process.join()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tutorial-epochs", type=int, default=2)
+    args = parser.parse_args()
+    if not (PROCESSED / "train.safetensors").exists() or not (RAW / "dataset.json").exists():
+        sys.exit("run `dvc repro preprocess` first: this reads data/raw and data/processed")
+    results = {
+        "(a) tutorial": measure("tutorial", epochs=args.tutorial_epochs),
+        "(b) project": measure("project"),
+        "(c) sklearn": measure("sklearn"),
+    }
+    print(f"{'variant':14s} {'s/epoch':>9s} {'s to ' + str(TARGET):>10s} {'test acc':>9s} {'peak MB':>8s}  setup")
+    for name, r in results.items():
+        to_target = f"{r['to_target_s']:.2f}" if r["to_target_s"] is not None else "not reached"
+        print(f"{name:14s} {r['epoch_s']:9.3f} {to_target:>10s} {r['accuracy']:9.4f} {r['peak_mb']:8.0f}  {r['note']}")
+    a, b, c = results.values()
+    print(f"epoch time (a)/(b): {a['epoch_s'] / b['epoch_s']:.1f}x  (target >= 25x)")
+    if b["to_target_s"] and c["to_target_s"]:
+        print(f"time to {TARGET} (c)/(b): {c['to_target_s'] / b['to_target_s']:.1f}x  (target >= 10x)")
+    else:
+        print(f"time to {TARGET} (c)/(b): not comparable, a variant did not reach {TARGET}")
+
+
+if __name__ == "__main__":
+    main()
