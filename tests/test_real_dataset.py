@@ -7,7 +7,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import copy_project, dvc, run, stages_run
 
 DEBIAN_MIRROR = Path("/usr/share/datasets/fashion-mnist")
