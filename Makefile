@@ -5,6 +5,8 @@
 
 VENV := .venv
 PYTHON := $(VENV)/bin/python
+# dvc.yaml's commands say `python -m stages...`: the venv's bin must come first on PATH for them too.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 # apt-get only where it exists and we may use it (root, or passwordless sudo); elsewhere the download
 # stage fetches Fashion-MNIST from upstream instead.
 APT := $(shell command -v apt-get >/dev/null 2>&1 && { [ "$$(id -u)" = 0 ] && echo apt-get || { sudo -n true 2>/dev/null && echo "sudo apt-get"; }; })
@@ -12,7 +14,7 @@ APT := $(shell command -v apt-get >/dev/null 2>&1 && { [ "$$(id -u)" = 0 ] && ec
 .PHONY: pipeline test setup setup-test system-packages test-system-packages
 
 pipeline: setup system-packages
-	$(VENV)/bin/dvc repro
+	dvc repro
 
 test: setup-test test-system-packages
 	$(PYTHON) -m pytest
