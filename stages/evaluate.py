@@ -19,7 +19,7 @@ from stages.cli import StageError, argument_parser, run
 from stages.metrics import calibration, confusion_matrix, per_class_scores
 from stages.model import CARD, TRAINING_LOG, load_model
 from stages.params import check_device, load_section, require
-from stages.runtime import make_deterministic, resolve_device
+from stages.runtime import make_deterministic, resolve_device, set_cpu_threads
 from stages.splits import load_split
 from stages.training import predict, score
 
@@ -52,6 +52,9 @@ def main() -> None:
     params = load_section(args.params, "evaluate", EvaluateParams)
     device = resolve_device(params.device, "evaluate.device")
     make_deterministic()
+    # One thread, whatever the machine: the report's last digits must not depend on the core count (a
+    # matmul's float sums depend on how it is split), and 10,000 test images take milliseconds anyway.
+    set_cpu_threads(1)
     if not (args.model / CARD).exists():
         raise StageError(f"{args.model / CARD}: missing; run the train stage first (dvc repro train)")
 
