@@ -15,6 +15,7 @@ import torch
 
 from stages.artifacts import atomic_directory, read_json, write_json
 from stages.cli import StageError, argument_parser, run
+from stages.datasets import ROLES
 from stages.idx import read_split
 from stages.params import load_section, require
 from stages.splits import META, save_split
@@ -41,7 +42,7 @@ def main() -> None:
     manifest_path = args.raw / "dataset.json"
     if not manifest_path.exists():
         raise StageError(f"{manifest_path}: missing; run the download stage first (dvc repro download)")
-    manifest = read_json(manifest_path)
+    manifest = read_manifest(manifest_path)
     classes = manifest["classes"]
     files = {role: args.raw / name for role, name in manifest["files"].items()}
     train_images, train_labels = read_split(files["train_images"], files["train_labels"], len(classes))
@@ -68,6 +69,20 @@ def main() -> None:
         for name, (images, labels) in splits.items():
             save_split(folder, name, images, labels)
         write_json(folder / META, meta)
+
+
+def read_manifest(path: Path) -> dict:
+    """The download stage's dataset.json: dataset name, class names and the file of each role."""
+    fix = "rerun the download stage (dvc repro --force download)"
+    try:
+        manifest = read_json(path)
+        files = manifest["files"]
+        complete = isinstance(manifest["classes"], list) and all(role in files for role in ROLES)
+    except (ValueError, KeyError, TypeError):
+        raise StageError(f"{path}: damaged (not the JSON the download stage writes); {fix}") from None
+    if not complete or not isinstance(manifest.get("dataset"), str):
+        raise StageError(f"{path}: incomplete (needs dataset, classes and files {', '.join(ROLES)}); {fix}")
+    return manifest
 
 
 def split_train_val(

@@ -151,6 +151,25 @@ def test_preprocess_stage_fails_in_one_line_and_leaves_processed_alone(
     assert sorted(path.name for path in (tiny_project / "data").iterdir()) == ["processed", "raw"]
 
 
+@pytest.mark.parametrize(
+    ("manifest", "problem"),
+    [
+        ('{"dataset": "tiny", "classes": [', "damaged (not the JSON the download stage writes)"),
+        ('{"dataset": "tiny", "classes": ["a"], "files": {}}', "incomplete (needs dataset, classes and files "),
+    ],
+    ids=["not-json", "no-files"],
+)
+def test_a_damaged_manifest_is_one_line_not_a_traceback(tiny_project: Path, manifest: str, problem: str) -> None:
+    run(tiny_project, "python", "-m", "stages.download", "--out", "data/raw")
+    (tiny_project / "data" / "raw" / "dataset.json").write_text(manifest)
+    result = preprocess(tiny_project)
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"preprocess: error: data/raw/dataset.json: {problem}")
+    assert result.stderr.endswith("; rerun the download stage (dvc repro --force download)\n")
+    assert result.stderr.count("\n") == 1
+    assert not (tiny_project / "data" / "processed").exists()
+
+
 def test_dvc_repro_stops_at_a_registered_dataset_with_bad_labels(tiny_project: Path, tmp_path: Path) -> None:
     """A registry entry whose checksums are right for broken files: download accepts them, preprocess must not."""
     entry = write_dataset(tmp_path / "bad-mirror", seed=3)
