@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from stages.artifacts import atomic_directory, atomic_file, write_json
-from stages.cli import StageError, argument_parser, run
+from stages.cli import StageError, argument_parser, numerics_in_effect, run
 from stages.metrics import calibration, confusion_matrix, per_class_scores
 from stages.model import CARD, TRAINING_LOG, load_model
 from stages.params import check_device, load_section, require
@@ -55,6 +55,7 @@ def main() -> None:
     # One thread, whatever the machine: the report's last digits must not depend on the core count (a
     # matmul's float sums depend on how it is split), and 10,000 test images take milliseconds anyway.
     set_cpu_threads(1)
+    numerics_in_effect()
     if not (args.model / CARD).exists():
         raise StageError(f"{args.model / CARD}: missing; run the train stage first (dvc repro train)")
 

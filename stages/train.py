@@ -14,7 +14,7 @@ from typing import Any, Literal
 import torch
 
 from stages.artifacts import atomic_directory
-from stages.cli import argument_parser, run
+from stages.cli import argument_parser, numerics_in_effect, run
 from stages.model import TRAINING_LOG, Classifier, architecture_for, save_model
 from stages.params import check_device, load_section, require
 from stages.runtime import autocast_for, make_deterministic, resolve_device, set_cpu_threads
@@ -65,6 +65,7 @@ def main() -> None:
     autocast = autocast_for(device, params.precision, "train.precision")
     make_deterministic(params.tf32)
     set_cpu_threads(params.threads)
+    numerics = numerics_in_effect()
 
     meta = load_meta(args.data)
     train_set = load_split(args.data, "train", device)
@@ -82,6 +83,7 @@ def main() -> None:
             "classes": meta["classes"],
             "dataset": meta["dataset"],
             "device": str(device),
+            "numerics": numerics,
             "recipe": recipe(params),
         }
         save_model(folder, model, card)
