@@ -85,6 +85,18 @@ def write_json(path: Path, document: Any) -> None:
         temp.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
+def write_tensors(path: Path, tensors: dict[str, Any]) -> None:
+    """Write tensors as safetensors: the same tensors give the same bytes, and loading runs no pickled code.
+
+    Through `atomic_file`, not `safetensors.torch.save_file`, which writes private files (mode 0600) that
+    the rest of a team could not read from a shared or served folder.
+    """
+    from safetensors.torch import save  # imported here: it loads torch, which the download stage never needs
+
+    with atomic_file(path) as temp:
+        temp.write_bytes(save(tensors))
+
+
 def read_json(path: Path) -> Any:
     with open(path, encoding="utf-8") as stream:
         return json.load(stream)

@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
-from stages.artifacts import read_json, write_json
+from stages.artifacts import read_json, write_json, write_tensors
 
 WEIGHTS = "model.safetensors"
 CARD = "model.json"
@@ -67,7 +67,7 @@ def architecture_for(model: str, hidden: tuple[int, ...], meta: dict[str, Any]) 
 def save_model(folder: Path, model: nn.Module, card: dict[str, Any]) -> None:
     """Write the weights (from CPU tensors, so a GPU-trained model loads anywhere) and the card."""
     weights = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
-    save_file(weights, str(folder / WEIGHTS))
+    write_tensors(folder / WEIGHTS, weights)
     write_json(folder / CARD, card)
 
 

@@ -6,9 +6,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from stages.artifacts import read_json
+from stages.artifacts import read_json, write_tensors
 from stages.cli import StageError
 from stages.runtime import to_device
 
@@ -17,7 +17,7 @@ META = "meta.json"
 
 def save_split(folder: Path, name: str, images: torch.Tensor, labels: torch.Tensor) -> None:
     """uint8 images (N, H, W) and int64 labels (N,); safetensors gives the same bytes for the same tensors."""
-    save_file({"images": images.contiguous(), "labels": labels.contiguous()}, str(folder / f"{name}.safetensors"))
+    write_tensors(folder / f"{name}.safetensors", {"images": images.contiguous(), "labels": labels.contiguous()})
 
 
 def load_split(folder: Path, name: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
