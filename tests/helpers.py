@@ -1,4 +1,6 @@
-"""Shared fixtures: small IDX datasets made on the spot, and throw-away copies of the project to run DVC in."""
+"""What the tests share: small IDX datasets made on the spot, throw-away copies of the project, and running
+DVC and the stages in them. Plain functions, imported by the tests and the benchmarks; the fixtures are in
+conftest.py."""
 
 from __future__ import annotations
 
@@ -10,7 +12,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 import yaml
 
@@ -163,9 +164,3 @@ def make_tiny_project(root: Path) -> Path:
     run(project, "git", "add", "-A")
     run(project, "git", "commit", "-qm", "tiny project")
     return project
-
-
-@pytest.fixture
-def tiny_project(tmp_path: Path) -> Path:
-    """A tiny project (see make_tiny_project) for one test."""
-    return make_tiny_project(tmp_path)

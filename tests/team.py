@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import yaml
-from conftest import dvc, make_tiny_project, run
+from helpers import dvc, make_tiny_project, run
 
 CODE_TAG = "code"  # the origin's first commit: the pipeline without any results
 SHARED = ("data", "models", "metrics")  # everything a pipeline run produces

@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import copy_project, dvc, run, stages_run
+from helpers import copy_project, dvc, run, stages_run
 
 DEBIAN_MIRROR = Path("/usr/share/datasets/fashion-mnist")
 # The Fashion-MNIST paper's LogisticRegression baseline (benchmark/baselines.json in its repository).
@@ -15,6 +15,7 @@ ACCURACY_FLOOR = 0.842
 
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.e2e,
     pytest.mark.skipif(
         not DEBIAN_MIRROR.is_dir(), reason="needs Debian's dataset-fashion-mnist (make test installs it via apt)"
     ),

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import dvc, run, stages_restored, stages_run
+from helpers import dvc, run, stages_restored, stages_run
 from team import (
     clone,
     commit_and_push,
@@ -18,6 +18,8 @@ from team import (
     object_key,
     object_md5,
 )
+
+pytestmark = pytest.mark.e2e
 
 REMOTE = "local-storage"
 

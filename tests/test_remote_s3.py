@@ -15,7 +15,7 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
-from conftest import PYTHON_BIN, dvc, run, set_params, stages_restored, stages_run
+from helpers import PYTHON_BIN, dvc, run, set_params, stages_restored, stages_run
 from s3server import ACCESS_KEY, REGION, SECRET_KEY, TrippingRelay, WeedServer
 from team import (
     CODE_TAG,
@@ -30,7 +30,7 @@ from team import (
     object_md5,
 )
 
-pytestmark = pytest.mark.s3
+pytestmark = [pytest.mark.e2e, pytest.mark.server, pytest.mark.s3]
 
 REMOTE = "team"
 BUCKET = "team-results"
