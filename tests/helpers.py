@@ -121,7 +121,8 @@ def stages_restored(result: subprocess.CompletedProcess) -> list[str]:
 
 
 def copy_project(destination: Path) -> Path:
-    """Copy the project's tracked and untracked-but-not-ignored files, as a fresh clone would have them."""
+    """Copy the project's tracked and untracked-but-not-ignored files, as a fresh clone would have them, less
+    the committed results (dvc.lock, metrics/) of the real dataset, so that nothing stale is taken for output."""
     listed = subprocess.run(
         ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
         cwd=PROJECT,
@@ -135,7 +136,17 @@ def copy_project(destination: Path) -> Path:
             target = destination / relative
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, target)
+    (destination / "dvc.lock").unlink(missing_ok=True)
+    shutil.rmtree(destination / "metrics", ignore_errors=True)
     return destination
+
+
+def init_repo(project: Path, message: str) -> Path:
+    """Make `project` a git repository whose one commit, on main, holds all of it."""
+    run(project, "git", "init", "-q", "-b", "main")
+    run(project, "git", "add", "-A")
+    run(project, "git", "commit", "-qm", message)
+    return project
 
 
 TINY_PARAMS = {
@@ -151,16 +162,9 @@ def make_tiny_project(root: Path) -> Path:
     """A git repo holding a copy of the project in `root`/project, set up to run on a tiny synthetic dataset.
 
     The dataset is registered with real checksums of the files it serves from a local-directory mirror
-    (`root`/mirror); the metrics committed for the real dataset are removed so that nothing stale is
-    mistaken for output.
+    (`root`/mirror).
     """
     project = copy_project(root / "project")
-    entry = write_dataset(root / "mirror")
-    register_dataset(project, TINY, entry)
+    register_dataset(project, TINY, write_dataset(root / "mirror"))
     set_params(project, **TINY_PARAMS)
-    (project / "dvc.lock").unlink(missing_ok=True)
-    shutil.rmtree(project / "metrics", ignore_errors=True)
-    run(project, "git", "init", "-q", "-b", "main")
-    run(project, "git", "add", "-A")
-    run(project, "git", "commit", "-qm", "tiny project")
-    return project
+    return init_repo(project, "tiny project")

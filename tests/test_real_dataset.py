@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
-from helpers import copy_project, dvc, run, stages_run
+from helpers import copy_project, dvc, init_repo, stages_run
 
 DEBIAN_MIRROR = Path("/usr/share/datasets/fashion-mnist")
 # The Fashion-MNIST paper's LogisticRegression baseline (benchmark/baselines.json in its repository).
@@ -23,12 +22,7 @@ pytestmark = [
 
 
 def test_default_pipeline_reaches_the_logistic_regression_baseline(tmp_path: Path) -> None:
-    project = copy_project(tmp_path / "project")
-    (project / "dvc.lock").unlink(missing_ok=True)
-    shutil.rmtree(project / "metrics", ignore_errors=True)
-    run(project, "git", "init", "-q", "-b", "main")
-    run(project, "git", "add", "-A")
-    run(project, "git", "commit", "-qm", "fresh clone")
+    project = init_repo(copy_project(tmp_path / "project"), "fresh clone")
 
     first = dvc(project, "repro")
     assert stages_run(first) == ["download", "preprocess", "train", "evaluate"]
