@@ -1,6 +1,7 @@
-# Set-up and the two entry points the README opens with:
+# Set-up and the entry points the README opens with:
 #   make pipeline   a venv with the project installed, Debian's Fashion-MNIST where apt exists, then `dvc repro`
-#   make test       the same plus the test extras, then the whole test suite
+#   make check      the quick loop: ruff, and the tests that start no DVC, stage, server or real dataset
+#   make test       the same plus the test system packages, then ruff and the whole test suite (CI runs this)
 # Each set-up step is idempotent: a second `make` reuses the venv.
 
 VENV := .venv
@@ -11,13 +12,23 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 # stage fetches Fashion-MNIST from upstream instead.
 APT := $(shell command -v apt-get >/dev/null 2>&1 && { [ "$$(id -u)" = 0 ] && echo apt-get || { sudo -n true 2>/dev/null && echo "sudo apt-get"; }; })
 
-.PHONY: pipeline test setup setup-test system-packages test-system-packages
+# The tests `make check` leaves out, by their markers (pyproject.toml says what each marks).
+NOT_QUICK := e2e or server or s3 or slow
+
+.PHONY: pipeline check test lint setup setup-test system-packages test-system-packages
 
 pipeline: setup system-packages
 	dvc repro
 
-test: setup-test test-system-packages
+check: lint
+	$(PYTHON) -m pytest -m "not ($(NOT_QUICK))"
+
+test: lint test-system-packages
 	$(PYTHON) -m pytest
+
+lint: setup-test
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
 
 setup: $(VENV)/.installed
 setup-test: $(VENV)/.installed-test

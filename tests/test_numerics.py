@@ -15,14 +15,17 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import PROJECT, dvc, project_env, run
+from helpers import PROJECT, dvc, project_env, run
 
 from stages import numerics
 
 X86_AVX2 = numerics.is_x86_64() and numerics.has_avx2()
-pytestmark = pytest.mark.skipif(
-    not X86_AVX2, reason="the pinned numerics are x86-64 AVX2 ones; this CPU computes other bytes by design"
-)
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(
+        not X86_AVX2, reason="the pinned numerics are x86-64 AVX2 ones; this CPU computes other bytes by design"
+    ),
+]
 CPU_FLAGS = numerics.CPUINFO.read_text().split() if numerics.CPUINFO.exists() else []
 # Each variant makes one library choose its kernels as it would on another CPU: ATen without vector
 # kernels (an old CPU) or with AVX-512, MKL dispatching by CPU (AUTO, as it does on AMD) or on Intel's
