@@ -16,7 +16,15 @@ from pathlib import Path
 
 import pytest
 from conftest import PYTHON_BIN, dvc, run, set_params, stages_restored, stages_run
-from s3server import ACCESS_KEY, REGION, SECRET_KEY, TrippingRelay, WeedServer
+from s3server import (
+    ACCESS_KEY,
+    READER_ACCESS_KEY,
+    READER_SECRET_KEY,
+    REGION,
+    SECRET_KEY,
+    TrippingRelay,
+    WeedServer,
+)
 from team import (
     CODE_TAG,
     cache_fingerprint,
@@ -218,3 +226,30 @@ def test_corrupted_object_never_reaches_the_workspace(
         assert fingerprint(bob, ("data",)) == fingerprint(alice, ("data",))  # the intact outputs did arrive
     finally:
         bucket.pipe(key, original)
+
+
+def test_read_only_keys_are_refused_by_the_check_and_leave_nothing(
+    alice: Path, origin: Path, weed: WeedServer, tmp_path: Path
+) -> None:
+    bob = teammate(origin, tmp_path / "bob")
+    dvc(bob, "remote", "modify", "--local", REMOTE, "access_key_id", READER_ACCESS_KEY)
+    dvc(bob, "remote", "modify", "--local", REMOTE, "secret_access_key", READER_SECRET_KEY)
+    dvc(bob, "pull")  # reading works
+    before = sorted(weed.filesystem().find(BUCKET))
+
+    set_params(bob, **{"train.lr": 0.05})
+    dvc(bob, "repro")
+    assert dvc(bob, "push", check=False).returncode != 0  # the keys truly cannot push
+
+    checked = run(bob, sys.executable, "-m", "stages.remote", check=False)
+    assert checked.returncode == 1
+    assert f"remote '{REMOTE}' (s3://{BUCKET}/{PREFIX}) can be read but refuses writes" in checked.stderr
+    assert "Traceback" not in checked.stderr and len(checked.stderr.strip().splitlines()) == 1
+    assert sorted(weed.filesystem().find(BUCKET)) == before  # no probe left behind
+
+
+def test_check_with_write_access_leaves_nothing(alice: Path, origin: Path, weed: WeedServer, tmp_path: Path) -> None:
+    bob = teammate(origin, tmp_path / "bob")
+    before = sorted(weed.filesystem().find(BUCKET))
+    assert "reachable" in run(bob, sys.executable, "-m", "stages.remote").stdout
+    assert sorted(weed.filesystem().find(BUCKET)) == before
