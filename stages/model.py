@@ -9,17 +9,51 @@ from __future__ import annotations
 import itertools
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from stages.artifacts import read_json, write_json, write_tensors
+from stages.artifacts import write_json, write_tensors
+from stages.cli import StageError
 
 WEIGHTS = "model.safetensors"
 CARD = "model.json"
 TRAINING_LOG = "training"  # DVCLive's folder: curves and summary
+REBUILD = "rerun the train stage: dvc repro --force train"
+
+
+class Architecture(BaseModel):
+    """What `architecture_for` writes into the card: enough to rebuild the network."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    model: Literal["logreg", "mlp"]
+    hidden: tuple[PositiveInt, ...]
+    image_shape: tuple[PositiveInt, PositiveInt]
+    num_classes: int = Field(ge=2)
+    mean: float
+    std: float = Field(gt=0)
+
+
+class Card(BaseModel):
+    """The model card as a reader needs it; other keys (recipe, device, ...) are the writer's business."""
+
+    model_config = ConfigDict(extra="allow", frozen=True, strict=True)
+
+    architecture: Architecture
+    classes: tuple[str, ...]
+
+    @model_validator(mode="after")
+    def _one_name_per_output(self) -> Card:
+        if len(self.classes) != self.architecture.num_classes:
+            raise ValueError(
+                f"{len(self.classes)} class names for {self.architecture.num_classes} outputs (num_classes)"
+            )
+        return self
 
 
 class Classifier(nn.Module):
@@ -72,8 +106,40 @@ def save_model(folder: Path, model: nn.Module, card: dict[str, Any]) -> None:
 
 
 def load_model(folder: Path, device: torch.device | str = "cpu") -> tuple[Classifier, dict[str, Any]]:
-    """Rebuild a saved model from its card and weights; safetensors runs no pickled code."""
-    card = read_json(folder / CARD)
-    model = Classifier(card["architecture"])
-    model.load_state_dict(load_file(str(folder / WEIGHTS)))
-    return model.to(device).eval(), card
+    """Rebuild a saved model from its card and weights; safetensors runs no pickled code.
+
+    Both files are checked against what `save_model` writes (the card's keys and types, one class name
+    per output, every weight's name, dtype and shape), so a damaged or mismatched model is a StageError
+    naming the file, never a model that evaluates "successfully".
+    """
+    card = load_card(folder / CARD)
+    model = Classifier(card.architecture.model_dump())
+    weights_path = folder / WEIGHTS
+    try:
+        weights = load_file(str(weights_path))
+    except FileNotFoundError:
+        raise StageError(f"{weights_path}: missing; {REBUILD}") from None
+    except (SafetensorError, OSError) as error:
+        raise StageError(f"{weights_path}: not a safetensors file ({error}); {REBUILD}") from None
+    expected = {name: (tensor.dtype, tuple(tensor.shape)) for name, tensor in model.state_dict().items()}
+    found = {name: (tensor.dtype, tuple(tensor.shape)) for name, tensor in weights.items()}
+    if found != expected:
+        wrong = sorted(name for name in expected.keys() | found.keys() if expected.get(name) != found.get(name))
+        raise StageError(
+            f"{weights_path}: does not match {folder / CARD} ({wrong[0]}: expected {expected.get(wrong[0])}, "
+            f"found {found.get(wrong[0])}); {REBUILD}"
+        )
+    model.load_state_dict(weights)
+    return model.to(device).eval(), card.model_dump(mode="json")
+
+
+def load_card(path: Path) -> Card:
+    """The model card, checked: a StageError naming the file and the first bad key otherwise."""
+    try:
+        return Card.model_validate_json(path.read_bytes())
+    except FileNotFoundError:
+        raise StageError(f"{path}: missing; run the train stage first (dvc repro train)") from None
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(map(str, first["loc"])) or "the file"
+        raise StageError(f"{path}: damaged ({where}: {first['msg']}); {REBUILD}") from None

@@ -59,9 +59,9 @@ class S3Remote:
         dvc(project, "remote", "modify", self.name, "verify", "true")
         run(project, "git", "commit", "-qam", "share results through the team's S3 bucket")
 
-    def set_credentials(self, project: Path, secret: str = SECRET_KEY) -> None:
+    def set_credentials(self, project: Path, secret: str = SECRET_KEY, access_key: str = ACCESS_KEY) -> None:
         """Keys for this clone only: .dvc/config.local is ignored by git."""
-        dvc(project, "remote", "modify", "--local", self.name, "access_key_id", ACCESS_KEY)
+        dvc(project, "remote", "modify", "--local", self.name, "access_key_id", access_key)
         dvc(project, "remote", "modify", "--local", self.name, "secret_access_key", secret)
 
     def read(self, key: str) -> bytes:
@@ -72,6 +72,10 @@ class S3Remote:
 
     def listing(self, folder: str) -> list[str]:
         return sorted(Path(path).name for path in self.server.filesystem().ls(f"{self.bucket}/{self.prefix}/{folder}"))
+
+    def everything(self) -> list[str]:
+        """Every object in the bucket, to tell that a check left nothing behind."""
+        return sorted(self.server.filesystem().find(self.bucket))
 
 
 def make_origin(root: Path, configure=None) -> Path:

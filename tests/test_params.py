@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
@@ -27,7 +26,7 @@ def default_section(section: str) -> dict:
 @pytest.mark.parametrize("section", SCHEMAS)
 def test_the_committed_params_parse(section: str) -> None:
     parsed = load_section(PROJECT / "params.yaml", section, SCHEMAS[section])
-    assert dataclasses.is_dataclass(parsed)
+    assert isinstance(parsed, SCHEMAS[section]) and parsed.model_config["frozen"]
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from helpers import PYTHON_BIN, dvc, run, set_params, stages_restored, stages_run
-from s3server import TrippingRelay, WeedServer
+from s3server import READER_ACCESS_KEY, READER_SECRET_KEY, TrippingRelay, WeedServer
 from team import (
     CODE_TAG,
     LocalRemote,
@@ -232,3 +232,31 @@ def test_wrong_secret_key_is_refused_and_named(remote: S3Remote, alice: Path, or
     assert f"remote '{remote.name}' ({remote.url}) refused this clone's credentials" in checked.stderr
     assert f"dvc remote modify --local {remote.name}" in checked.stderr
     assert "Traceback" not in checked.stderr and len(checked.stderr.strip().splitlines()) == 1
+
+
+@S3_ONLY
+def test_read_only_keys_are_refused_by_the_check_and_leave_nothing(
+    remote: S3Remote, alice: Path, origin: Path, tmp_path: Path
+) -> None:
+    bob = teammate(remote, origin, tmp_path / "bob")
+    remote.set_credentials(bob, access_key=READER_ACCESS_KEY, secret=READER_SECRET_KEY)
+    dvc(bob, "pull")  # reading works
+    before = remote.everything()
+
+    set_params(bob, **{"train.lr": 0.05})
+    dvc(bob, "repro")
+    assert dvc(bob, "push", check=False).returncode != 0  # the keys truly cannot push
+
+    checked = run(bob, sys.executable, "-m", "stages.remote", check=False)
+    assert checked.returncode == 1
+    assert f"remote '{remote.name}' ({remote.url}) can be read but refuses writes" in checked.stderr
+    assert "Traceback" not in checked.stderr and len(checked.stderr.strip().splitlines()) == 1
+    assert remote.everything() == before  # no probe left behind
+
+
+@S3_ONLY
+def test_check_with_write_access_leaves_nothing(remote: S3Remote, alice: Path, origin: Path, tmp_path: Path) -> None:
+    bob = teammate(remote, origin, tmp_path / "bob")
+    before = remote.everything()
+    assert "reachable" in run(bob, sys.executable, "-m", "stages.remote").stdout
+    assert remote.everything() == before
