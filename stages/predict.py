@@ -1,0 +1,143 @@
+"""Predict the class of images with a trained model: PNG or JPEG pictures, .npy arrays, IDX files, folders.
+
+    python -m stages.predict PATH... [--model DIR] [--top-k K] [--json]     (installed: mnist-predict)
+
+Pictures are fitted into the frame the model's dataset made its images with (stages/datasets.yaml), a
+dark object on a light background is inverted, and each row says what was done. Arrays are taken as
+they are and must already be uint8 images of the model's size. A file or folder that gives no image is
+one line on stderr; the others are still predicted, and the exit status is 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from stages.cli import StageError, run
+from stages.datasets import Frame, load_registry
+from stages.images import UnreadableInput, list_inputs, read_input
+from stages.model import CARD, ImageInputError, check_images, load_model
+from stages.training import predict
+
+DEFAULT_MODEL = Path("models")  # dvc.yaml's `models` var, where the train stage writes (a test keeps them equal)
+BATCH = 8192  # images per forward pass: memory only, never the result
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    ranked: list[tuple[str, float]]  # the top k classes with their probabilities, most likely first
+    inverted: bool
+    conversion: str
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("paths", nargs="+", type=Path, help="image files, .npy or IDX files, folders of them")
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help=f"model folder (default: {DEFAULT_MODEL})")
+    parser.add_argument("--top-k", type=int, default=3, help="classes shown per image (default: 3)")
+    parser.add_argument("--json", action="store_true", help="one JSON object per image instead of a table")
+    args = parser.parse_args()
+    if not (args.model / CARD).is_file():
+        raise StageError(
+            f"{args.model}: no model here ({CARD} missing); in the project run `dvc repro` or `dvc pull`, "
+            "elsewhere fetch one: dvc artifacts get <repo> classifier --rev <version>"
+        )
+    model, card = load_model(args.model)
+    classes = card["classes"]
+    if not 1 <= args.top_k <= len(classes):
+        parser.error(f"--top-k: must be between 1 and {len(classes)} (the model's classes)")
+
+    rows, failures = predict_files(model, card, args.paths, args.top_k, lambda line: print(line, file=sys.stderr))
+    if args.json:
+        for row in rows:
+            print(json.dumps(as_json(row)))
+    else:
+        print(table(rows, args.top_k))
+    if failures:
+        sys.exit(1)
+
+
+def predict_files(model, card: dict, paths: list[Path], top_k: int, report) -> tuple[list[Row], int]:
+    """Rows for every image the paths give; `report(line)` for each that gives none. Returns the failures too."""
+    image_shape = tuple(card["architecture"]["image_shape"])
+    frame = frame_for(card["dataset"])
+    prog = Path(sys.argv[0]).stem if sys.argv and sys.argv[0] else "predict"
+    names, batches, notes, failures = [], [], [], 0
+    for path, problem in list_inputs(paths):
+        try:
+            if problem:
+                raise UnreadableInput(problem)
+            converted = read_input(path, frame, image_shape)
+            pixels = torch.from_numpy(converted.pixels)
+            check_images(pixels, image_shape)  # the model's own refusal, per file rather than per batch
+        except (UnreadableInput, ImageInputError) as error:
+            report(f"{prog}: error: {path}: {error}")
+            failures += 1
+            continue
+        names += [f"{path}[{i}]" for i in range(len(pixels))] if converted.array else [str(path)]
+        batches.append(pixels)
+        notes += [(converted.inverted, converted.conversion)] * len(pixels)
+    if not batches:
+        return [], failures
+    probabilities = predict(model, torch.cat(batches), BATCH).softmax(1)  # (N, classes)
+    top = probabilities.topk(top_k, dim=1)
+    classes = card["classes"]
+    rows = [
+        Row(name, [(classes[c], p) for c, p in zip(indices, values, strict=True)], inverted, conversion)
+        for name, indices, values, (inverted, conversion) in zip(
+            names, top.indices.tolist(), top.values.tolist(), notes, strict=True
+        )
+    ]
+    return rows, failures
+
+
+def frame_for(dataset: str) -> Frame | None:
+    """How `dataset` framed its images, from the registry; None when it is not documented or not known here."""
+    spec = load_registry().get(dataset)
+    return spec.frame if spec else None
+
+
+def as_json(row: Row) -> dict:
+    (best, probability), *_ = row.ranked
+    return {
+        "file": row.name,
+        "class": best,
+        "probability": round(probability, 6),
+        "top_k": [{"class": name, "probability": round(p, 6)} for name, p in row.ranked],
+        "inverted": row.inverted,
+        "conversion": row.conversion,
+    }
+
+
+def table(rows: list[Row], top_k: int) -> str:
+    header = ("file", "class", "prob", f"top {top_k}", "conversion")
+    cells = [
+        (
+            row.name,
+            row.ranked[0][0],
+            f"{row.ranked[0][1]:.3f}",
+            ", ".join(f"{n} {p:.2f}" for n, p in row.ranked),
+            row.conversion,
+        )
+        for row in rows
+    ]
+    widths = [max(len(line[i]) for line in [header, *cells]) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+        for line in [header, *cells]
+    )
+
+
+def console() -> None:
+    """The `mnist-predict` console script."""
+    run(main)
+
+
+if __name__ == "__main__":
+    run(main)
