@@ -218,3 +218,15 @@ def test_corrupted_object_never_reaches_the_workspace(
         assert fingerprint(bob, ("data",)) == fingerprint(alice, ("data",))  # the intact outputs did arrive
     finally:
         bucket.pipe(key, original)
+
+
+def test_released_model_is_fetched_by_version_through_s3(alice: Path, origin: Path, tmp_path: Path) -> None:
+    # A registers the committed model with GTO; someone outside the project fetches that version by name,
+    # the DVC remote committed in the project (S3) serving the files, the keys given on the command line.
+    run(alice, "gto", "register", "classifier", "--version", "v1.0.0")
+    run(alice, "git", "push", "-q", "origin", "classifier@v1.0.0")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    keys = [f"access_key_id={ACCESS_KEY}", f"secret_access_key={SECRET_KEY}"]
+    dvc(elsewhere, "artifacts", "get", str(origin), "classifier", "--rev", "v1.0.0", "--remote-config", *keys)
+    assert fingerprint(elsewhere, ("models",)) == fingerprint(alice, ("models",))
