@@ -2,7 +2,8 @@
 
 A model takes uint8 images (B, H, W) and returns logits (B, classes): normalisation is its first step,
 so the saved model is usable for inference with nothing but its two files. Anything else (float pixels,
-another image size, a single H x W image) is refused with an ImageInputError that says how to convert.
+another image size, a single H x W image) is refused with stages.contract's ImageInputError, which says
+how to convert.
 """
 
 from __future__ import annotations
@@ -17,40 +18,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from stages.artifacts import read_json, write_json
+from stages.contract import CARD, WEIGHTS, check_images
 
-WEIGHTS = "model.safetensors"
-CARD = "model.json"
 TRAINING_LOG = "training"  # DVCLive's folder: curves and summary
-
-
-class ImageInputError(ValueError):
-    """Images the model cannot score; the message says what it takes and how to convert."""
-
-
-def check_images(images: torch.Tensor, image_shape: list[int] | tuple[int, ...]) -> None:
-    """Refuse anything but uint8 pixels 0-255 of shape (B, *image_shape): no silent 10 % accuracy."""
-    frame = "x".join(map(str, image_shape))
-    batch = f"(B, {', '.join(map(str, image_shape))})"
-    if images.dtype != torch.uint8:
-        # float in [0, 1] (torchvision's ToTensor) would be scored as nearly black images, without a word.
-        raise ImageInputError(
-            f"got {images.dtype} pixels; the model takes uint8 pixels 0-255: convert images in [0, 1] with "
-            "(images * 255).round().to(torch.uint8) (numpy: .astype(numpy.uint8) for .to(torch.uint8))"
-        )
-    if list(images.shape) == list(image_shape):
-        raise ImageInputError(
-            f"got one image of shape {tuple(images.shape)}; the model takes a batch {batch}: "
-            "a single image is a batch of one, images.unsqueeze(0)"
-        )
-    if images.dim() != len(image_shape) + 1:
-        raise ImageInputError(
-            f"got {images.dim()} dimensions {tuple(images.shape)}; the model takes a batch of {frame} images {batch}"
-        )
-    if list(images.shape[1:]) != list(image_shape):
-        raise ImageInputError(
-            f"got {'x'.join(map(str, images.shape[1:]))} images; the model takes {frame} images: fit them into "
-            "the dataset's frame first (python -m stages.predict does it for PNG and JPEG files)"
-        )
 
 
 class Classifier(nn.Module):

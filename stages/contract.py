@@ -1,0 +1,46 @@
+"""A saved model's contract: its two files, and what it accepts (uint8 pixels 0-255, a batch of its size).
+
+Without torch, so that `stages.predict` can load and check without importing it; stages/model.py (the
+torch model) and stages/inference.py (the same model in numpy) both take their names and checks from here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+WEIGHTS = "model.safetensors"
+CARD = "model.json"
+
+
+class ImageInputError(ValueError):
+    """Images the model cannot score; the message says what it takes and how to convert."""
+
+
+def check_images(images: Any, image_shape: list[int] | tuple[int, ...]) -> None:
+    """Refuse anything but uint8 pixels 0-255 of shape (B, *image_shape): no silent 10 % accuracy.
+
+    `images` is a torch tensor or a numpy array: only its dtype, ndim and shape are read.
+    """
+    frame = "x".join(map(str, image_shape))
+    batch = f"(B, {', '.join(map(str, image_shape))})"
+    dtype = str(images.dtype)  # torch.uint8 / uint8
+    if dtype.removeprefix("torch.") != "uint8":
+        # float in [0, 1] (torchvision's ToTensor) would be scored as nearly black images, without a word.
+        raise ImageInputError(
+            f"got {dtype} pixels; the model takes uint8 pixels 0-255: convert images in [0, 1] with "
+            "(images * 255).round().to(torch.uint8) (numpy: .astype(numpy.uint8) for .to(torch.uint8))"
+        )
+    if list(images.shape) == list(image_shape):
+        raise ImageInputError(
+            f"got one image of shape {tuple(images.shape)}; the model takes a batch {batch}: "
+            "a single image is a batch of one, images[None] (or images.unsqueeze(0))"
+        )
+    if images.ndim != len(image_shape) + 1:
+        raise ImageInputError(
+            f"got {images.ndim} dimensions {tuple(images.shape)}; the model takes a batch of {frame} images {batch}"
+        )
+    if list(images.shape[1:]) != list(image_shape):
+        raise ImageInputError(
+            f"got {'x'.join(map(str, images.shape[1:]))} images; the model takes {frame} images: fit them into "
+            "the dataset's frame first (python -m stages.predict does it for PNG and JPEG files)"
+        )
