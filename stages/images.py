@@ -1,19 +1,21 @@
 """Files into the images a model was trained on: reading inputs, and fitting pictures into the dataset's frame.
 
 Pure functions of paths, bytes and a `Frame` (the registry, `stages/datasets.yaml`, says how each dataset
-made its images); no argparse, no DVC. Pictures are decoded with PIL: with torch already imported,
-`from PIL import Image` adds about 0.1 s of start-up and `import torchvision.io` about 2.5 s (README,
-"Use the model elsewhere"), for the same PNG and JPEG decoders.
+made its images); no argparse, no DVC, no torch. Pictures are decoded with PIL, chosen by start-up time:
+in a process that has imported torch, `from PIL import Image` added 0.10 s and `import torchvision.io`
+5.1 s (benchmarks/predict_speed.py, 2 busy cores), for the same PNG and JPEG decoders.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import io
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, ImageFilter, ImageOps
 
 from stages.datasets import Frame
 
@@ -45,15 +47,27 @@ def list_inputs(paths: list[Path]) -> Iterator[tuple[Path, str | None]]:
     """Each file to read, with None, or a path that gives nothing with the reason (missing, empty folder)."""
     for path in paths:
         if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+            files = _files_under(path)
             if not files:
                 yield path, "empty folder: no files to predict"
             for file in files:
-                yield file, None
+                yield Path(file), None
         elif path.is_file():
             yield path, None
         else:
             yield path, "no such file or folder"
+
+
+def _files_under(folder: Path) -> list[str]:
+    """Every file below `folder`, hidden files and folders skipped, sorted.
+
+    os.walk and strings: rglob and sorting Paths cost about 0.1 ms a file, as much as decoding a 28x28 PNG.
+    """
+    found = []
+    for root, subfolders, names in os.walk(folder):
+        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+        found += [os.path.join(root, name) for name in names if not name.startswith(".")]
+    return sorted(found)
 
 
 def read_input(path: Path, frame: Frame | None, image_shape: tuple[int, int]) -> Converted:
@@ -98,19 +112,19 @@ def read_idx_images(path: Path) -> np.ndarray:
     return images.numpy()[None] if images.dim() == 2 else images.numpy()
 
 
-def decode_picture(data: bytes, kind: str):
+def decode_picture(data: bytes, kind: str) -> Image.Image:
     """The picture as PIL decodes it, or UnreadableInput naming the format (a damaged or truncated file)."""
-    from PIL import Image
-
     try:
-        picture = Image.open(io.BytesIO(data))
+        picture = Image.open(io.BytesIO(data), formats=(kind.upper(),))
         picture.load()
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise UnreadableInput(f"damaged {kind.upper()} file ({error})") from None
     return picture
 
 
-def fit_picture(picture, frame: Frame | None, image_shape: tuple[int, int]) -> tuple[np.ndarray, bool, str]:
+def fit_picture(
+    picture: Image.Image, frame: Frame | None, image_shape: tuple[int, int]
+) -> tuple[np.ndarray, bool, str]:
     """Grayscale uint8 (H, W) as the dataset made its images, whether it was inverted, and what was done.
 
     A picture already of the model's size is taken as framed (only grayscale and polarity change); any
@@ -118,16 +132,18 @@ def fit_picture(picture, frame: Frame | None, image_shape: tuple[int, int]) -> t
     dataset's order (`Frame`). The dataset draws a light object on black: a picture whose corners are light
     (a product shot on white, ink on paper) is negated.
     """
-    from PIL import Image, ImageFilter
-
-    rgb = _flatten(picture)
-    width, height = rgb.size
-    corner = np.median(np.asarray(rgb)[[0, 0, -1, -1], [0, -1, 0, -1]].astype(np.float32), axis=0)  # (3,)
-    inverted = bool(corner @ np.array([0.299, 0.587, 0.114]) >= LIGHT)  # PIL's luma weights
+    image = _flatten(picture)  # "L" or "RGB"
+    width, height = image.size
+    pixels = np.frombuffer(image.tobytes(), np.uint8).reshape(height, width, -1)  # (H, W, 1 or 3)
+    # The corner colour: the median of the four corners per channel, so that one odd corner does not decide.
+    corners = pixels[[0, 0, -1, -1], [0, -1, 0, -1]].tolist()  # 4 x channels; plain Python is faster here
+    corner = [sum(sorted(values)[1:3]) / 2 for values in zip(*corners, strict=True)]
+    luma = corner[0] if len(corner) == 1 else 0.299 * corner[0] + 0.587 * corner[1] + 0.114 * corner[2]  # PIL's
+    inverted = luma >= LIGHT
     size = f"{width}x{height}"
     if (height, width) == tuple(image_shape):
-        gray = rgb.convert("L")
-        return np.array(_negated(gray, inverted)), inverted, f"{size} as is" + (", inverted" if inverted else "")
+        gray = pixels[..., 0] if image.mode == "L" else np.asarray(image.convert("L"))
+        return (255 - gray if inverted else gray.copy()), inverted, f"{size} as is" + (", inverted" if inverted else "")
     if frame is None or tuple(image_shape) != (frame.size, frame.size):
         wanted = "x".join(map(str, image_shape))
         raise UnreadableInput(
@@ -136,25 +152,24 @@ def fit_picture(picture, frame: Frame | None, image_shape: tuple[int, int]) -> t
 
     # Trim: keep the rows and columns holding a pixel farther than the tolerance from the corner colour
     # (RMS over R, G, B, like ImageMagick's -fuzz).
-    pixels = np.asarray(rgb).astype(np.float32)  # (H, W, 3)
-    distance = np.sqrt(((pixels - corner) ** 2).mean(axis=2))  # (H, W)
+    distance = np.sqrt(((pixels.astype(np.float32) - np.array(corner, np.float32)) ** 2).mean(axis=2))  # (H, W)
     keep = distance > frame.trim_tolerance * 255
     if not keep.any():
         raise UnreadableInput(f"{size} picture of one colour: nothing to predict")
     rows, columns = np.flatnonzero(keep.any(axis=1)), np.flatnonzero(keep.any(axis=0))
-    rgb = rgb.crop((columns[0], rows[0], columns[-1] + 1, rows[-1] + 1))
-    trimmed = f"{rgb.width}x{rgb.height}"
+    image = image.crop((columns[0], rows[0], columns[-1] + 1, rows[-1] + 1))
+    trimmed = f"{image.width}x{image.height}"
 
-    longest = max(rgb.size)
-    fitted = (max(1, round(rgb.width * frame.box / longest)), max(1, round(rgb.height * frame.box / longest)))
+    longest = max(image.size)
+    fitted = (max(1, round(image.width * frame.box / longest)), max(1, round(image.height * frame.box / longest)))
     # nearest: "subsampling, some rows and columns skipped over"; antialias: LANCZOS, PIL's former ANTIALIAS.
     resample = Image.Resampling.NEAREST if frame.resample == "nearest" else Image.Resampling.LANCZOS
-    rgb = rgb.resize(fitted, resample)
+    image = image.resize(fitted, resample)
     steps = [frame.resample]
     if frame.sharpen_sigma:
-        rgb = rgb.filter(ImageFilter.UnsharpMask(radius=frame.sharpen_sigma, percent=100, threshold=0))
+        image = image.filter(ImageFilter.UnsharpMask(radius=frame.sharpen_sigma, percent=100, threshold=0))
         steps.append(f"sharpened sigma {frame.sharpen_sigma:g}")
-    gray = _negated(rgb.convert("L"), inverted)
+    gray = _negated(image.convert("L"), inverted)
 
     canvas = Image.new("L", (frame.size, frame.size), color=0)
     left, top = (frame.size - gray.width) // 2, (frame.size - gray.height) // 2
@@ -175,20 +190,18 @@ def fit_picture(picture, frame: Frame | None, image_shape: tuple[int, int]) -> t
     return np.array(canvas), inverted, conversion
 
 
-def _flatten(picture):
-    """RGB; transparency composited onto white, as product pictures are shot."""
-    from PIL import Image
-
+def _flatten(picture: Image.Image) -> Image.Image:
+    """Grayscale ("L") or "RGB"; transparency composited onto white, as product pictures are shot."""
+    if picture.mode == "L":
+        return picture
     if picture.mode in ("RGBA", "LA", "PA") or (picture.mode == "P" and "transparency" in picture.info):
         rgba = picture.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
     if picture.mode in ("I;16", "I;16B", "I;16L", "I"):
-        picture = picture.point(lambda value: value / 256).convert("L")  # 16-bit grey to 8 bits
+        return picture.point(lambda value: value / 256).convert("L")  # 16-bit grey to 8 bits
     return picture.convert("RGB")
 
 
-def _negated(gray, inverted: bool):
-    from PIL import ImageOps
-
+def _negated(gray: Image.Image, inverted: bool) -> Image.Image:
     return ImageOps.invert(gray) if inverted else gray

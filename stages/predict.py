@@ -13,16 +13,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from stages.cli import StageError, run
+from stages.contract import CARD, ImageInputError, check_images
 from stages.datasets import Frame, load_registry
-from stages.images import UnreadableInput, list_inputs, read_input
-from stages.model import CARD, ImageInputError, check_images, load_model
-from stages.training import predict
+from stages.images import Converted, UnreadableInput, list_inputs, read_input
+from stages.inference import NumpyClassifier, load_classifier, softmax
 
 DEFAULT_MODEL = Path("models")  # dvc.yaml's `models` var, where the train stage writes (a test keeps them equal)
 BATCH = 8192  # images per forward pass: memory only, never the result
@@ -48,7 +49,7 @@ def main() -> None:
             f"{args.model}: no model here ({CARD} missing); in the project run `dvc repro` or `dvc pull`, "
             "elsewhere fetch one: dvc artifacts get <repo> classifier --rev <version>"
         )
-    model, card = load_model(args.model)
+    model, card = load_classifier(args.model)  # numpy, not torch: start-up (stages/inference.py)
     classes = card["classes"]
     if not 1 <= args.top_k <= len(classes):
         parser.error(f"--top-k: must be between 1 and {len(classes)} (the model's classes)")
@@ -63,38 +64,56 @@ def main() -> None:
         sys.exit(1)
 
 
-def predict_files(model, card: dict, paths: list[Path], top_k: int, report) -> tuple[list[Row], int]:
+def predict_files(
+    model: NumpyClassifier, card: dict, paths: list[Path], top_k: int, report: Callable[[str], None]
+) -> tuple[list[Row], int]:
     """Rows for every image the paths give; `report(line)` for each that gives none. Returns the failures too."""
     image_shape = tuple(card["architecture"]["image_shape"])
     frame = frame_for(card["dataset"])
     prog = Path(sys.argv[0]).stem if sys.argv and sys.argv[0] else "predict"
     names, batches, notes, failures = [], [], [], 0
-    for path, problem in list_inputs(paths):
+    for path, converted in read_all(list(list_inputs(paths)), frame, image_shape):
         try:
-            if problem:
-                raise UnreadableInput(problem)
-            converted = read_input(path, frame, image_shape)
-            pixels = torch.from_numpy(converted.pixels)
-            check_images(pixels, image_shape)  # the model's own refusal, per file rather than per batch
+            if isinstance(converted, str):
+                raise UnreadableInput(converted)
+            if converted.array:  # pictures are made uint8 and of the model's size; arrays are as the file says
+                check_images(converted.pixels, image_shape)  # the model's own refusal, per file
         except (UnreadableInput, ImageInputError) as error:
             report(f"{prog}: error: {path}: {error}")
             failures += 1
             continue
-        names += [f"{path}[{i}]" for i in range(len(pixels))] if converted.array else [str(path)]
-        batches.append(pixels)
-        notes += [(converted.inverted, converted.conversion)] * len(pixels)
+        count = len(converted.pixels)
+        names += [f"{path}[{i}]" for i in range(count)] if converted.array else [str(path)]
+        batches.append(converted.pixels)
+        notes += [(converted.inverted, converted.conversion)] * count
     if not batches:
         return [], failures
-    probabilities = predict(model, torch.cat(batches), BATCH).softmax(1)  # (N, classes)
-    top = probabilities.topk(top_k, dim=1)
+    images = np.concatenate(batches)  # (N, H, W) uint8
+    probabilities = softmax(np.concatenate([model(images[i : i + BATCH]) for i in range(0, len(images), BATCH)]))
+    top = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]  # (N, k), most likely first
+    top_probabilities = np.take_along_axis(probabilities, top, axis=1)
     classes = card["classes"]
     rows = [
         Row(name, [(classes[c], p) for c, p in zip(indices, values, strict=True)], inverted, conversion)
         for name, indices, values, (inverted, conversion) in zip(
-            names, top.indices.tolist(), top.values.tolist(), notes, strict=True
+            names, top.tolist(), top_probabilities.tolist(), notes, strict=True
         )
     ]
     return rows, failures
+
+
+def read_all(
+    listed: list[tuple[Path, str | None]], frame: Frame | None, image_shape: tuple[int, int]
+) -> Iterator[tuple[Path, Converted | str]]:
+    """Each listed path with what it gave, or why it gave nothing; in order."""
+    for path, problem in listed:
+        if problem:
+            yield path, problem
+            continue
+        try:
+            yield path, read_input(path, frame, image_shape)
+        except UnreadableInput as error:
+            yield path, str(error)
 
 
 def frame_for(dataset: str) -> Frame | None:

@@ -17,9 +17,11 @@ import torch
 from conftest import PROJECT, idx_bytes, project_env, synthetic_split
 from PIL import Image
 
+from stages.contract import ImageInputError
 from stages.datasets import load_registry
 from stages.images import fit_picture
-from stages.model import Classifier, ImageInputError, architecture_for, load_model, save_model
+from stages.inference import load_classifier
+from stages.model import Classifier, architecture_for, load_model, save_model
 
 META = {"image_shape": [28, 28], "classes": [f"class {k}" for k in range(10)], "mean": 0.3, "std": 0.35}
 FASHION = load_registry()["fashion-mnist"].frame
@@ -47,7 +49,7 @@ def predict_cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     ("images", "message"),
     [
         (torch.rand(4, 28, 28), r"got torch.float32 pixels; the model takes uint8 pixels 0-255: .*\* 255\).round\(\)"),
-        (torch.zeros(28, 28, dtype=torch.uint8), r"one image of shape \(28, 28\).*batch of one, images.unsqueeze\(0\)"),
+        (torch.zeros(28, 28, dtype=torch.uint8), r"one image of shape \(28, 28\).*batch of one, images\[None\]"),
         (torch.zeros(4, 32, 32, dtype=torch.uint8), r"got 32x32 images; the model takes 28x28 images"),
         (torch.zeros(4, 784, dtype=torch.uint8), r"got 2 dimensions \(4, 784\); the model takes a batch of 28x28"),
     ],
@@ -56,6 +58,22 @@ def test_model_refuses_what_it_cannot_score(model_dir: Path, images: torch.Tenso
     model, _ = load_model(model_dir)
     with pytest.raises(ImageInputError, match=message):
         model(images)
+    numpy_model, _ = load_classifier(model_dir)  # what the command line runs: the same refusal
+    with pytest.raises(ImageInputError, match=message.replace("torch.float32", "float32")):
+        numpy_model(images.numpy())
+
+
+@pytest.mark.parametrize(("kind", "hidden"), [("logreg", ()), ("mlp", (32, 16))])
+def test_numpy_model_computes_the_classifiers_logits(kind: str, hidden: tuple[int, ...], tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    architecture = architecture_for(kind, hidden, META)
+    model = Classifier(architecture)
+    save_model(tmp_path, model, {"architecture": architecture, "classes": META["classes"], "dataset": "x"})
+    images, _ = synthetic_split(500, seed=2)
+    with torch.no_grad():
+        expected = model(images).numpy()
+    numpy_model, _ = load_classifier(tmp_path)
+    np.testing.assert_allclose(numpy_model(images.numpy()), expected, rtol=0, atol=1e-5)
 
 
 def test_fashion_frame_trims_fits_centres_and_inverts() -> None:
@@ -132,7 +150,7 @@ def test_cli_bad_inputs_are_one_line_each_and_the_rest_is_predicted(model_dir: P
         "cut.jpg": "damaged JPEG file",
         "notes.txt": "not a PNG, JPEG, .npy (uint8, HxW or NxHxW) or IDX file",
         "empty": "empty folder: no files to predict",
-        "float.npy": "got torch.float64 pixels; the model takes uint8 pixels 0-255",
+        "float.npy": "got float64 pixels; the model takes uint8 pixels 0-255",
         "small.npy": "got 20x20 images; the model takes 28x28 images",
         "missing.png": "no such file or folder",
     }
