@@ -2,8 +2,8 @@
 
 Pure functions of paths, bytes and a `Frame` (the registry, `stages/datasets.yaml`, says how each dataset
 made its images); no argparse, no DVC, no torch. Pictures are decoded with PIL, chosen by start-up time:
-in a process that has imported torch, `from PIL import Image` added 0.10 s and `import torchvision.io`
-5.1 s (benchmarks/predict_speed.py, 2 busy cores), for the same PNG and JPEG decoders.
+in a process that has imported torch, `from PIL import Image` adds 0.1-0.2 s and `import torchvision.io`
+2.3-5 s (benchmarks/predict_speed.py, 2 busy cores), for the same PNG and JPEG decoders.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def read_input(path: Path, frame: Frame | None, image_shape: tuple[int, int]) ->
     if kind == "npy":
         return Converted(read_npy(data), False, "array as is", array=True)
     if kind == "idx":
-        return Converted(read_idx_images(path), False, "IDX images as is", array=True)
+        return Converted(read_idx_images(path, data[3] if len(data) > 3 else 3), False, "IDX images as is", array=True)
     if kind == "gzip":
         raise UnreadableInput(f"gzip-compressed; gunzip it first (predict reads {READABLE} files)")
     if kind is None:
@@ -98,12 +98,11 @@ def read_npy(data: bytes) -> np.ndarray:
     return array[None] if array.ndim == 2 else array  # a single H x W image is a batch of one
 
 
-def read_idx_images(path: Path) -> np.ndarray:
+def read_idx_images(path: Path, dimensions: int) -> np.ndarray:
+    """An IDX file of N x H x W (or one H x W) images, read by the pipeline's own checked reader."""
     from stages.cli import StageError
-    from stages.idx import REFETCH, read_idx
+    from stages.idx import REFETCH, read_idx  # imports torch: only IDX inputs pay for it
 
-    with open(path, "rb") as stream:
-        dimensions = stream.read(4)[3]
     try:
         images = read_idx(path, 2 if dimensions == 2 else 3)
     except StageError as error:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +22,7 @@ import numpy as np
 from stages.cli import StageError, run
 from stages.contract import CARD, ImageInputError, check_images
 from stages.datasets import Frame, load_registry
-from stages.images import Converted, UnreadableInput, list_inputs, read_input
+from stages.images import UnreadableInput, list_inputs, read_input
 from stages.inference import NumpyClassifier, load_classifier, softmax
 
 DEFAULT_MODEL = Path("models")  # dvc.yaml's `models` var, where the train stage writes (a test keeps them equal)
@@ -72,10 +72,11 @@ def predict_files(
     frame = frame_for(card["dataset"])
     prog = Path(sys.argv[0]).stem if sys.argv and sys.argv[0] else "predict"
     names, batches, notes, failures = [], [], [], 0
-    for path, converted in read_all(list(list_inputs(paths)), frame, image_shape):
+    for path, problem in list_inputs(paths):
         try:
-            if isinstance(converted, str):
-                raise UnreadableInput(converted)
+            if problem:
+                raise UnreadableInput(problem)
+            converted = read_input(path, frame, image_shape)
             if converted.array:  # pictures are made uint8 and of the model's size; arrays are as the file says
                 check_images(converted.pixels, image_shape)  # the model's own refusal, per file
         except (UnreadableInput, ImageInputError) as error:
@@ -100,20 +101,6 @@ def predict_files(
         )
     ]
     return rows, failures
-
-
-def read_all(
-    listed: list[tuple[Path, str | None]], frame: Frame | None, image_shape: tuple[int, int]
-) -> Iterator[tuple[Path, Converted | str]]:
-    """Each listed path with what it gave, or why it gave nothing; in order."""
-    for path, problem in listed:
-        if problem:
-            yield path, problem
-            continue
-        try:
-            yield path, read_input(path, frame, image_shape)
-        except UnreadableInput as error:
-            yield path, str(error)
 
 
 def frame_for(dataset: str) -> Frame | None:
