@@ -1,6 +1,7 @@
-# Set-up and the two entry points the README opens with:
+# Set-up and the entry points the README opens with:
 #   make pipeline   a venv with the project installed, Debian's Fashion-MNIST where apt exists, then `dvc repro`
-#   make test       the same plus the test extras, then the whole test suite
+#   make check      the quick loop: ruff, and the tests that start no DVC, stage, server or real dataset
+#   make test       the same plus the test system packages, then ruff and the whole test suite (CI runs this)
 # Each set-up step is idempotent: a second `make` reuses the venv.
 
 VENV := .venv
@@ -11,13 +12,23 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 # stage fetches Fashion-MNIST from upstream instead.
 APT := $(shell command -v apt-get >/dev/null 2>&1 && { [ "$$(id -u)" = 0 ] && echo apt-get || { sudo -n true 2>/dev/null && echo "sudo apt-get"; }; })
 
-.PHONY: pipeline test setup setup-test system-packages test-system-packages
+# The tests `make check` leaves out, by their markers (pyproject.toml says what each marks).
+NOT_QUICK := e2e or server or s3 or slow
 
-pipeline: setup system-packages
+.PHONY: pipeline check test lint setup setup-test system-packages test-system-packages ascii-cache
+
+pipeline: setup system-packages ascii-cache
 	dvc repro
 
-test: setup-test test-system-packages
+check: lint
+	$(PYTHON) -m pytest -m "not ($(NOT_QUICK))"
+
+test: lint test-system-packages ascii-cache
 	$(PYTHON) -m pytest
+
+lint: setup-test
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
 
 setup: $(VENV)/.installed
 setup-test: $(VENV)/.installed-test
@@ -48,3 +59,16 @@ elif [ -n "$(APT)" ]; then { $(APT) update -qq && DEBIAN_FRONTEND=noninteractive
   || echo "make: warning: apt-get install $$missing failed: Fashion-MNIST comes from upstream, the tests that need them skip"; \
 else echo "make: cannot apt-get install $$missing here (no apt or not root): Fashion-MNIST comes from upstream, the browser test skips"; fi
 endef
+
+# DVC 3.67's temporary experiment workers (`dvc exp run --temp`, `dvc queue start`) copy the cache's
+# absolute path into a config file through configobj, which encodes with ASCII whatever the locale
+# (dvc/repo/experiments/executor/local.py, _update_config): in a checkout whose path is not ASCII every
+# such experiment fails. A cache at an ASCII path (set in .dvc/config.local, this clone only) avoids it;
+# an ASCII checkout, or a cache dir already chosen, is left alone.
+ascii-cache:
+	@if printf '%s' "$(CURDIR)" | LC_ALL=C grep -q '[^ -~]' && ! dvc config --local cache.dir >/dev/null 2>&1; then \
+	  cache="$${XDG_CACHE_HOME:-$$HOME/.cache}/dvc-ascii/$$(printf '%s' "$(CURDIR)" | sha256sum | cut -c1-16)"; \
+	  if printf '%s' "$$cache" | LC_ALL=C grep -q '[^ -~]'; then \
+	    echo "make: warning: $(CURDIR) is not ASCII and neither is $$cache: dvc exp run --temp and dvc queue will fail (README, Experiments)"; \
+	  else mkdir -p "$$cache" && dvc cache dir --local "$$cache" && echo "make: DVC cache at $$cache (this checkout's path is not ASCII; see README)"; fi; \
+	fi

@@ -4,8 +4,9 @@ Run by hand, never in CI:
 
     python -m benchmarks.pipeline_speed
 
-The project is copied (tracked and untracked-but-not-ignored files, as a fresh clone has them) into a
-temporary git repository with no DVC cache, so every stage runs; the download stage finds Debian's
+The project is copied (tracked and untracked-but-not-ignored files, as a fresh clone has them, less the
+committed dvc.lock and metrics) into a temporary git repository with no DVC cache, by the tests' helpers,
+so every stage runs; the download stage finds Debian's
 Fashion-MNIST offline. The single script does the same work in one process: "download" (gunzip Debian's
 files into torchvision's layout), parse them with torchvision's FashionMNIST, train the tutorial loop
 (ToTensor, DataLoader of batch 100, SGD) for as many epochs as params.yaml's train.epochs, and test.
@@ -14,9 +15,6 @@ Each is timed as a whole command, interpreter start-up and imports included, in 
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,9 +22,9 @@ from pathlib import Path
 
 import yaml
 
-PROJECT = Path(__file__).resolve().parent.parent
+from tests.helpers import PROJECT, copy_project, init_repo, run
+
 DEBIAN = Path("/usr/share/datasets/fashion-mnist")
-BIN = str(Path(sys.executable).parent)
 
 TUTORIAL = """
 import gzip, shutil, sys, tempfile
@@ -61,43 +59,22 @@ with tempfile.TemporaryDirectory() as root:
 """
 
 
-def timed(command: list[str], cwd: Path) -> tuple[float, str]:
-    env = {**os.environ, "PATH": BIN + os.pathsep + os.environ["PATH"], "DVC_NO_ANALYTICS": "1"}
+def timed(cwd: Path, *command: str) -> tuple[float, str]:
+    """Seconds the command took, with the venv first on PATH (as in the tests), and its stdout."""
     start = time.perf_counter()
-    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
-    elapsed = time.perf_counter() - start
-    if result.returncode != 0:
-        sys.exit(f"{' '.join(command)} failed:\n{result.stdout}\n{result.stderr}")
-    return elapsed, result.stdout
-
-
-def copy_project(destination: Path) -> None:
-    listed = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-        cwd=PROJECT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split("\0")
-    for relative in filter(None, listed):
-        if (PROJECT / relative).is_file():
-            (destination / relative).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(PROJECT / relative, destination / relative)
+    result = run(cwd, *command)
+    return time.perf_counter() - start, result.stdout
 
 
 def main() -> None:
     epochs = yaml.safe_load((PROJECT / "params.yaml").read_text())["train"]["epochs"]
     with tempfile.TemporaryDirectory() as temp:
-        project = Path(temp) / "project"
-        copy_project(project)
-        git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@example.com"]
-        for command in (["git", "init", "-q"], ["git", "add", "-A"], [*git, "commit", "-qm", "copy"]):
-            subprocess.run(command, cwd=project, check=True)
-        scratch, _ = timed(["dvc", "repro"], project)
-        noop, out = timed(["dvc", "repro"], project)
+        project = init_repo(copy_project(Path(temp) / "project"), "copy")
+        scratch, _ = timed(project, "dvc", "repro")
+        noop, out = timed(project, "dvc", "repro")
         assert "Data and pipelines are up to date." in out, out
         accuracy = yaml.safe_load((project / "metrics" / "test.json").read_text())["accuracy"]
-        script, out = timed([sys.executable, "-c", TUTORIAL, str(DEBIAN), str(epochs)], Path(temp))
+        script, out = timed(Path(temp), sys.executable, "-c", TUTORIAL, str(DEBIAN), str(epochs))
     print(f"dvc repro from scratch (4 stages): {scratch:7.2f} s   test accuracy {accuracy:.4f}")
     print(f"dvc repro, nothing changed:        {noop:7.2f} s")
     print(f"tutorial as one script ({epochs} epochs):  {script:7.2f} s   {out.strip()}")

@@ -6,9 +6,10 @@ Run by hand after `dvc repro` (it reads data/raw and data/processed), never in C
 
 (a) the tutorial: torchvision's FashionMNIST over the raw IDX files, ToTensor, a DataLoader of batch 100,
     a logreg trained by SGD; (b) this project's `fit` with the train params of params.yaml;
-(c) scikit-learn's LogisticRegression (lbfgs) on the same standardised pixels. Each variant runs in its
-own child process, so its peak memory (max RSS) is its own; all three run in this one invocation, so the
-ratios compare like with like on a busy machine.
+(b') the same without the numerics pin (the CPU's own kernels); (c) scikit-learn's LogisticRegression
+(lbfgs) on the same standardised pixels. Each variant runs in its own child process, so its peak memory
+(max RSS) is its own; all four run in this one invocation, so the ratios compare like with like on a
+busy machine.
 
 "Time to 0.842" is the training time of the shortest run whose model reaches 0.842 test accuracy: for (a)
 the cumulative epochs, for (b) the fit with the fewest epochs (its cosine schedule depends on the total,
@@ -99,10 +100,18 @@ class _Quiet:
         pass
 
 
-def project() -> dict:
-    """(b) stages.train.fit with params.yaml's train section, timed for 1..epochs epochs."""
+def project(pinned: bool = True) -> dict:
+    """(b) stages.train.fit with params.yaml's train section, timed for 1..epochs epochs.
+
+    Unpinned, torch loads before the `stages` package, so its numerics pin does not apply and the CPU's
+    own kernels run, as before the pin (stages/numerics.py): the pair prices the pin.
+    """
     import dataclasses
 
+    if not pinned:
+        import torch  # noqa: F401  (first, see above)
+
+    from stages import numerics
     from stages.model import architecture_for
     from stages.params import load_section
     from stages.runtime import make_deterministic, resolve_device, set_cpu_threads
@@ -133,7 +142,8 @@ def project() -> dict:
         "to_target_s": reached,
         "accuracy": accuracy,
         "note": f"{params.optimizer} lr {params.lr} {params.lr_schedule} batch {params.batch_size} "
-        f"{params.epochs} epochs, {params.threads} thread(s), {device}",
+        f"{params.epochs} epochs, {params.threads} thread(s), {device}, "
+        + ", ".join(f"{key} {value}" for key, value in numerics.settings().items()),
     }
 
 
@@ -214,14 +224,16 @@ def main() -> None:
     results = {
         "(a) tutorial": measure("tutorial", epochs=args.tutorial_epochs),
         "(b) project": measure("project"),
+        "(b') unpinned": measure("project", pinned=False),
         "(c) sklearn": measure("sklearn"),
     }
     print(f"{'variant':14s} {'s/epoch':>9s} {'s to ' + str(TARGET):>10s} {'test acc':>9s} {'peak MB':>8s}  setup")
     for name, r in results.items():
         to_target = f"{r['to_target_s']:.2f}" if r["to_target_s"] is not None else "not reached"
         print(f"{name:14s} {r['epoch_s']:9.3f} {to_target:>10s} {r['accuracy']:9.4f} {r['peak_mb']:8.0f}  {r['note']}")
-    a, b, c = results.values()
+    a, b, unpinned, c = results.values()
     print(f"epoch time (a)/(b): {a['epoch_s'] / b['epoch_s']:.1f}x  (target >= 25x)")
+    print(f"epoch time (b)/(b'), the price of pinned numerics: {b['epoch_s'] / unpinned['epoch_s']:.2f}x")
     if b["to_target_s"] and c["to_target_s"]:
         print(f"time to {TARGET} (c)/(b): {c['to_target_s'] / b['to_target_s']:.1f}x  (target >= 10x)")
     else:

@@ -1,34 +1,110 @@
 """What every stage's command line shares: argument parsing, params loading and the error contract.
 
-A user error (bad params, missing files, unreachable mirrors) ends the stage with one line on stderr that
-names the problem and the fix, and a non-zero exit; tracebacks are for bugs only.
+A user error (bad params, missing or damaged files, unreachable mirrors, an unwritable folder) ends the
+stage with one line on stderr that names the problem and the fix, and a non-zero exit; tracebacks are for
+bugs only. Under `dvc repro` / `dvc exp run`, a refusal also puts back the cached outputs that DVC deleted
+before running the stage (see restore_outputs), so a typo in params.yaml loses nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import platform
 import sys
 from collections.abc import Callable
 from pathlib import Path
+
+from stages import numerics
 
 
 class StageError(Exception):
     """A problem the user can fix: its message is the one line they see."""
 
 
+def command_name() -> str:
+    """What the user typed to run this stage: `python -m stages.train`, not `train.py`."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name:
+        return f"python -m {spec.name}"
+    return Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "stage"
+
+
 def argument_parser(description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description)
+    parser = argparse.ArgumentParser(prog=command_name(), description=description)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: params.yaml)")
     return parser
 
 
 def run(main: Callable[[], None]) -> None:
     """Run a stage's `main`, turning a StageError into one line on stderr and exit status 1."""
+    for name, value in numerics.OVERRIDDEN.items():
+        warn(
+            f"{name}={value} from the environment ignored: every stage runs with {name}={numerics.PINNED[name]}, "
+            "so that any x86-64 CPU computes the same bytes (README, Reproducibility)"
+        )
     try:
         main()
     except StageError as error:
-        prog = Path(sys.argv[0]).stem if sys.argv and sys.argv[0] else "stage"
-        print(f"{prog}: error: {error}", file=sys.stderr)
-        sys.exit(1)
+        fail(str(error))
+    except OSError as error:
+        # The environment, not the code: a full disk, a folder made read-only mid-run, a vanished mount.
+        if error.filename is None:
+            raise
+        fail(f"{error.filename}: {error.strerror}; free space or fix the permissions there, then rerun")
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+def prog() -> str:
+    return Path(sys.argv[0]).stem if sys.argv and sys.argv[0] else "stage"
+
+
+def warn(message: str) -> None:
+    print(f"{prog()}: warning: {message}", file=sys.stderr)
+
+
+def numerics_in_effect() -> dict[str, str | None]:
+    """The numerics this stage computes with (for the model card); a warning when they are not the pinned ones."""
+    current = numerics.settings()
+    if not numerics.is_pinned(current):
+        warn(
+            f"this machine computes with other numerics ({platform.machine()}, "
+            f"{', '.join(f'{key} {value}' for key, value in current.items())}) than the pinned x86-64 AVX2 ones: "
+            "the bytes will differ from a dvc.lock made there; see README, Reproducibility"
+        )
+    return current
+
+
+def fail(message: str) -> None:
+    """Print the one line, after putting back what DVC deleted, and exit 1."""
+    restored = restore_outputs()
+    kept = f" (the previous {', '.join(restored)} restored from DVC's cache)" if restored else ""
+    print(f"{prog()}: error: {message}{kept}", file=sys.stderr)
+    sys.exit(1)
+
+
+def restore_outputs() -> list[str]:
+    """Under DVC, check out again the cached outputs of this stage that DVC deleted before running it.
+
+    DVC removes a stage's outputs before its command runs (Stage.run -> remove_outs), and runs the command
+    with the repo lock released and DVC_STAGE / DVC_ROOT set. The outputs recorded in dvc.lock are still in
+    the cache, so DVC's own Output.checkout puts them back; the stage's rwlock entry, held by the running
+    `dvc repro`, is not taken (Output.checkout is not rwlocked, Stage.checkout is). `cache: false` outputs
+    are not in the cache: dvc.yaml marks those `persist: true`, so DVC never deletes them.
+    """
+    stage_name, root = os.environ.get("DVC_STAGE"), os.environ.get("DVC_ROOT")
+    if not stage_name or not root:
+        return []
+    try:
+        from dvc.repo import Repo
+
+        with Repo(root) as repo:
+            (stage,) = repo.stage.collect(stage_name)
+            missing = [out for out in stage.outs if out.use_cache and out.hash_info and not out.exists]
+            for out in missing:
+                out.checkout()
+            return [str(out) for out in missing]
+    except Exception as error:  # never let the rescue hide the stage's own message
+        print(f"warning: could not restore the previous outputs from DVC's cache ({error})", file=sys.stderr)
+        return []

@@ -1,4 +1,4 @@
-"""A saved model's contract: its two files, and what it accepts (uint8 pixels 0-255, a batch of its size).
+"""A saved model's contract: its two files, its checked card, and what it accepts (uint8 0-255, a batch).
 
 Without torch, so that `stages.predict` can load and check without importing it; stages/model.py (the
 torch model) and stages/inference.py (the same model in numpy) both take their names and checks from here.
@@ -6,10 +6,16 @@ torch model) and stages/inference.py (the same model in numpy) both take their n
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+
+from stages.cli import StageError
 
 WEIGHTS = "model.safetensors"
 CARD = "model.json"
+REBUILD = "rerun the train stage: dvc repro --force train"
 
 
 class ImageInputError(ValueError):
@@ -44,3 +50,45 @@ def check_images(images: Any, image_shape: list[int] | tuple[int, ...]) -> None:
             f"got {'x'.join(map(str, images.shape[1:]))} images; the model takes {frame} images: fit them into "
             "the dataset's frame first (python -m stages.predict does it for PNG and JPEG files)"
         )
+
+
+class Architecture(BaseModel):
+    """What `architecture_for` writes into the card: enough to rebuild the network."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    model: Literal["logreg", "mlp"]
+    hidden: tuple[PositiveInt, ...]
+    image_shape: tuple[PositiveInt, PositiveInt]
+    num_classes: int = Field(ge=2)
+    mean: float
+    std: float = Field(gt=0)
+
+
+class Card(BaseModel):
+    """The model card as a reader needs it; other keys (recipe, device, ...) are the writer's business."""
+
+    model_config = ConfigDict(extra="allow", frozen=True, strict=True)
+
+    architecture: Architecture
+    classes: tuple[str, ...]
+
+    @model_validator(mode="after")
+    def _one_name_per_output(self) -> Card:
+        if len(self.classes) != self.architecture.num_classes:
+            raise ValueError(
+                f"{len(self.classes)} class names for {self.architecture.num_classes} outputs (num_classes)"
+            )
+        return self
+
+
+def load_card(path: Path) -> Card:
+    """The model card, checked: a StageError naming the file and the first bad key otherwise."""
+    try:
+        return Card.model_validate_json(path.read_bytes())
+    except FileNotFoundError:
+        raise StageError(f"{path}: missing; run the train stage first (dvc repro train)") from None
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(map(str, first["loc"])) or "the file"
+        raise StageError(f"{path}: damaged ({where}: {first['msg']}); {REBUILD}") from None

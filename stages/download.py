@@ -10,7 +10,6 @@ second checksum for re-packaged mirrors, so the fetching is done here with urlli
 
 from __future__ import annotations
 
-import dataclasses
 import gzip
 import hashlib
 import http.client
@@ -25,10 +24,10 @@ from urllib.parse import urlparse
 
 from tqdm import tqdm
 
-from stages.artifacts import atomic_file, remove_stale_temporaries, scratch_file, write_json
+from stages.artifacts import atomic_file, ensure_folder, remove_stale_temporaries, scratch_file, write_json
 from stages.cli import StageError, argument_parser, run
 from stages.datasets import DatasetSpec, FileSpec, lookup
-from stages.params import load_section, require
+from stages.params import Params, load_section, require
 
 CHUNK = 1 << 16
 BACKOFF_S = 0.5  # first wait before retrying on the same mirror; doubles per retry ...
@@ -46,8 +45,7 @@ class MirrorError(Exception):
     """This mirror cannot provide this file; try the next one."""
 
 
-@dataclasses.dataclass(frozen=True)
-class DataParams:
+class DataParams(Params):
     """`data`: what the download stage fetches, and from where."""
 
     dataset: str  # a name in stages/datasets.yaml
@@ -55,7 +53,7 @@ class DataParams:
     timeout_s: float  # per connection attempt and per read
     retries: int  # extra attempts per mirror after a transient error (5xx, reset, timeout, short body)
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         require(self.timeout_s > 0, "data.timeout_s", "must be > 0")
         require(self.retries >= 0, "data.retries", "must be >= 0")
         for index, mirror in enumerate(self.mirrors):
@@ -91,8 +89,10 @@ def main() -> None:
 
 def download_dataset(dataset: DatasetSpec, mirrors: list[str], out: Path, *, timeout_s: float, retries: int) -> None:
     """Fetch and verify every file of `dataset` into `out`, then write its manifest last."""
-    out.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(out)
+    ensure_folder(out)
+    for spec in dataset.files.values():
+        for name in (spec.name, spec.payload_name):
+            remove_stale_temporaries(out, name)
     # Until the new manifest is written, nothing in `out` claims to be a complete, verified dataset.
     (out / MANIFEST).unlink(missing_ok=True)
     for spec in dataset.files.values():

@@ -7,7 +7,6 @@ train stage wrote (cached by DVC, for its run-cache) is published here beside th
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 from pathlib import Path
 from typing import Any
@@ -15,20 +14,19 @@ from typing import Any
 import torch
 
 from stages.artifacts import atomic_directory, atomic_file, write_json
-from stages.cli import StageError, argument_parser, run
+from stages.cli import StageError, argument_parser, numerics_in_effect, run
 from stages.metrics import calibration, confusion_matrix, per_class_scores
 from stages.model import CARD, TRAINING_LOG, load_model
-from stages.params import check_device, load_section, require
+from stages.params import Params, check_device, load_section, require
 from stages.runtime import make_deterministic, resolve_device, set_cpu_threads
-from stages.splits import load_split
+from stages.splits import META, load_split, read_meta
 from stages.training import predict, score
 
 CELL_SCALE = 4  # misclassified images are drawn at 4x (28 px -> 112 px) so the labels fit below them
 GUTTER = 4  # grey pixels between the cells of the misclassified grid
 
 
-@dataclasses.dataclass(frozen=True)
-class EvaluateParams:
+class EvaluateParams(Params):
     """`evaluate`: how the test set is scored and what the report shows."""
 
     batch_size: int  # images per forward pass; only memory, never the result, depends on it
@@ -36,7 +34,7 @@ class EvaluateParams:
     calibration_bins: int  # equal-width confidence bins for the calibration curve and the ECE
     misclassified_grid: int  # how many confidently misclassified test images the PNG grid shows
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         require(self.batch_size >= 1, "evaluate.batch_size", "must be >= 1")
         check_device("evaluate.device", self.device)
         require(self.calibration_bins >= 2, "evaluate.calibration_bins", "must be >= 2")
@@ -55,10 +53,15 @@ def main() -> None:
     # One thread, whatever the machine: the report's last digits must not depend on the core count (a
     # matmul's float sums depend on how it is split), and 10,000 test images take milliseconds anyway.
     set_cpu_threads(1)
-    if not (args.model / CARD).exists():
-        raise StageError(f"{args.model / CARD}: missing; run the train stage first (dvc repro train)")
-
+    numerics_in_effect()
     model, card = load_model(args.model, device)
+    meta = read_meta(args.data)
+    if tuple(card["classes"]) != meta.classes or tuple(card["architecture"]["image_shape"]) != meta.image_shape:
+        raise StageError(
+            f"{args.model / CARD}: trained for other data ({len(card['classes'])} classes, images "
+            f"{tuple(card['architecture']['image_shape'])}) than {args.data / META} ({len(meta.classes)} classes, "
+            f"images {meta.image_shape}); rerun the train stage: dvc repro train"
+        )
     images, labels = load_split(args.data, "test", device)
     logits = predict(model, images, params.batch_size).cpu()
     images, labels = images.cpu(), labels.cpu()

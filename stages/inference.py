@@ -8,14 +8,16 @@ logits equal to the Classifier's.
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from safetensors import SafetensorError
 from safetensors.numpy import load_file
 
-from stages.artifacts import read_json
-from stages.contract import CARD, WEIGHTS, check_images
+from stages.cli import StageError
+from stages.contract import CARD, REBUILD, WEIGHTS, check_images, load_card
 
 
 class NumpyClassifier:
@@ -44,8 +46,29 @@ class NumpyClassifier:
 
 
 def load_classifier(folder: Path) -> tuple[NumpyClassifier, dict[str, Any]]:
-    card = read_json(folder / CARD)
-    return NumpyClassifier(card, load_file(str(folder / WEIGHTS))), card
+    """The model in `folder`, its card and weights checked as `stages.model.load_model` checks them."""
+    card = load_card(folder / CARD).model_dump(mode="json")
+    path = folder / WEIGHTS
+    try:
+        weights = load_file(str(path))
+    except FileNotFoundError:
+        raise StageError(f"{path}: missing; {REBUILD}") from None
+    except (SafetensorError, OSError) as error:
+        raise StageError(f"{path}: not a safetensors file ({error}); {REBUILD}") from None
+    architecture = card["architecture"]
+    widths = [int(np.prod(architecture["image_shape"])), *architecture["hidden"], architecture["num_classes"]]
+    expected = {}
+    for index, (width_in, width_out) in enumerate(itertools.pairwise(widths)):
+        expected[f"layers.{2 * index}.weight"] = ("float32", (width_out, width_in))
+        expected[f"layers.{2 * index}.bias"] = ("float32", (width_out,))
+    found = {name: (str(array.dtype), array.shape) for name, array in weights.items()}
+    if found != expected:
+        wrong = sorted(name for name in expected.keys() | found.keys() if expected.get(name) != found.get(name))
+        raise StageError(
+            f"{path}: does not match {folder / CARD} ({wrong[0]}: expected {expected.get(wrong[0])}, "
+            f"found {found.get(wrong[0])}); {REBUILD}"
+        )
+    return NumpyClassifier(card, weights), card
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -14,11 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import nn
 
-from stages.artifacts import read_json, write_json
-from stages.contract import CARD, WEIGHTS, check_images
+from stages.artifacts import write_json, write_tensors
+from stages.cli import StageError
+from stages.contract import CARD, REBUILD, WEIGHTS, check_images, load_card
 
 TRAINING_LOG = "training"  # DVCLive's folder: curves and summary
 
@@ -70,13 +72,33 @@ def architecture_for(model: str, hidden: tuple[int, ...], meta: dict[str, Any]) 
 def save_model(folder: Path, model: nn.Module, card: dict[str, Any]) -> None:
     """Write the weights (from CPU tensors, so a GPU-trained model loads anywhere) and the card."""
     weights = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
-    save_file(weights, str(folder / WEIGHTS))
+    write_tensors(folder / WEIGHTS, weights)
     write_json(folder / CARD, card)
 
 
 def load_model(folder: Path, device: torch.device | str = "cpu") -> tuple[Classifier, dict[str, Any]]:
-    """Rebuild a saved model from its card and weights; safetensors runs no pickled code."""
-    card = read_json(folder / CARD)
-    model = Classifier(card["architecture"])
-    model.load_state_dict(load_file(str(folder / WEIGHTS)))
-    return model.to(device).eval(), card
+    """Rebuild a saved model from its card and weights; safetensors runs no pickled code.
+
+    Both files are checked against what `save_model` writes (the card's keys and types, one class name
+    per output, every weight's name, dtype and shape), so a damaged or mismatched model is a StageError
+    naming the file, never a model that evaluates "successfully".
+    """
+    card = load_card(folder / CARD)
+    model = Classifier(card.architecture.model_dump())
+    weights_path = folder / WEIGHTS
+    try:
+        weights = load_file(str(weights_path))
+    except FileNotFoundError:
+        raise StageError(f"{weights_path}: missing; {REBUILD}") from None
+    except (SafetensorError, OSError) as error:
+        raise StageError(f"{weights_path}: not a safetensors file ({error}); {REBUILD}") from None
+    expected = {name: (tensor.dtype, tuple(tensor.shape)) for name, tensor in model.state_dict().items()}
+    found = {name: (tensor.dtype, tuple(tensor.shape)) for name, tensor in weights.items()}
+    if found != expected:
+        wrong = sorted(name for name in expected.keys() | found.keys() if expected.get(name) != found.get(name))
+        raise StageError(
+            f"{weights_path}: does not match {folder / CARD} ({wrong[0]}: expected {expected.get(wrong[0])}, "
+            f"found {found.get(wrong[0])}); {REBUILD}"
+        )
+    model.load_state_dict(weights)
+    return model.to(device).eval(), card.model_dump(mode="json")

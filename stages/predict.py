@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from stages import cli
 from stages.cli import StageError, run
 from stages.contract import CARD, ImageInputError, check_images
 from stages.datasets import Frame, load_registry
@@ -38,7 +39,7 @@ class Row:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=cli.command_name(), description=__doc__.splitlines()[0])
     parser.add_argument("paths", nargs="+", type=Path, help="image files, .npy or IDX files, folders of them")
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help=f"model folder (default: {DEFAULT_MODEL})")
     parser.add_argument("--top-k", type=int, default=3, help="classes shown per image (default: 3)")
@@ -70,7 +71,6 @@ def predict_files(
     """Rows for every image the paths give; `report(line)` for each that gives none. Returns the failures too."""
     image_shape = tuple(card["architecture"]["image_shape"])
     frame = frame_for(card["dataset"])
-    prog = Path(sys.argv[0]).stem if sys.argv and sys.argv[0] else "predict"
     names, batches, notes, failures = [], [], [], 0
     for path, problem in list_inputs(paths):
         try:
@@ -80,7 +80,7 @@ def predict_files(
             if converted.array:  # pictures are made uint8 and of the model's size; arrays are as the file says
                 check_images(converted.pixels, image_shape)  # the model's own refusal, per file
         except (UnreadableInput, ImageInputError) as error:
-            report(f"{prog}: error: {path}: {error}")
+            report(f"{cli.prog()}: error: {path}: {error}")
             failures += 1
             continue
         count = len(converted.pixels)

@@ -8,7 +8,6 @@ only, are stored beside the tensors in `meta.json`.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import torch
@@ -17,18 +16,17 @@ from stages.artifacts import atomic_directory, read_json, write_json
 from stages.cli import StageError, argument_parser, run
 from stages.datasets import ROLES
 from stages.idx import read_split
-from stages.params import load_section, require
+from stages.params import Params, load_section, require
 from stages.splits import META, save_split
 
 
-@dataclasses.dataclass(frozen=True)
-class PreprocessParams:
+class PreprocessParams(Params):
     """`preprocess`: how the training set is split into train and validation."""
 
     val_size: int  # images held out of the training set for validation
     seed: int
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         require(self.val_size >= 1, "preprocess.val_size", "must be >= 1")
 
 

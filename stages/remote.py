@@ -3,14 +3,16 @@
 `dvc push` and `dvc pull` report a refused key as, for example, "unexpected error - Forbidden: An error
 occurred (403) when calling the HeadObject operation", without saying which remote or what to change.
 `python -m stages.remote [NAME]` reads the remote exactly as DVC does (.dvc/config, config.local, the
-environment) and turns the same failures into one line that names the remote and the fix.
+environment), lists it, and writes and deletes one empty probe object as a push would, turning the same
+failures into one line that names the remote and the fix.
 """
 
 from __future__ import annotations
 
 import argparse
+import uuid
 
-from stages.cli import StageError, run
+from stages.cli import StageError, command_name, run
 
 CREDENTIALS_FIX = (
     "set them in this clone only: `dvc remote modify --local {name} access_key_id ...` and "
@@ -30,6 +32,28 @@ def nearest_listable(fs, path: str) -> str:
             if not parent or parent == probe:
                 raise
             probe = parent
+
+
+def probe_write(fs, path: str) -> None:
+    """Do what a push does, on one empty object, and remove it (and any folder made for it) again."""
+    probe = fs.join(path, f".dvc-push-probe-{uuid.uuid4().hex}")
+    # A local or ssh remote needs its folders; object stores have none (makedirs creates nothing there).
+    made = []
+    if fs.protocol in ("local", "file", "ssh", "sftp", "hdfs", "webhdfs"):
+        missing = path
+        while not fs.exists(missing):
+            made.append(missing)
+            missing = fs.parent(missing)
+        fs.makedirs(path, exist_ok=True)
+    try:
+        fs.pipe({probe: b""})
+    finally:
+        try:
+            if fs.exists(probe):
+                fs.rm(probe)
+        finally:
+            for folder in made:  # deepest first
+                fs.rmdir(folder)
 
 
 def check_remote(name: str | None) -> str:
@@ -54,12 +78,20 @@ def check_remote(name: str | None) -> str:
             raise StageError(f"{label} does not exist: create the bucket, or fix the url") from None
         except Exception as error:  # botocore and aiohttp raise their own classes for an unreachable endpoint
             raise StageError(f"{label} is unreachable: {error}; check its endpointurl and the network") from None
+        try:
+            probe_write(fs, path)
+        except Exception as error:
+            raise StageError(
+                f"{label} can be read but refuses writes ({type(error).__name__}: {error}), so `dvc push` "
+                f"would fail; ask for write access, or use keys that have it "
+                f"(`dvc remote modify --local {remote.name} ...`)"
+            ) from None
     state = "reachable" if found == path else "reachable, still empty (the first `dvc push` creates it)"
     return f"{label}: {state}"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=command_name(), description=__doc__.splitlines()[0])
     parser.add_argument("name", nargs="?", help="remote name (default: the project's default remote)")
     args = parser.parse_args()
     print(check_remote(args.name))

@@ -7,16 +7,18 @@ only when training has finished.
 
 from __future__ import annotations
 
-import dataclasses
+import math
+import os
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
 from stages.artifacts import atomic_directory
-from stages.cli import argument_parser, run
+from stages.cli import StageError, argument_parser, numerics_in_effect, run
 from stages.model import TRAINING_LOG, Classifier, architecture_for, save_model
-from stages.params import check_device, load_section, require
+from stages.params import Params, check_device, load_section, require
 from stages.runtime import autocast_for, make_deterministic, resolve_device, set_cpu_threads
 from stages.splits import load_meta, load_split
 from stages.training import epoch_order, make_optimizer, make_schedule, predict, score, train_epoch
@@ -24,8 +26,7 @@ from stages.training import epoch_order, make_optimizer, make_schedule, predict,
 EVAL_BATCH = 8192  # validation forward passes; the size changes memory use only, not results
 
 
-@dataclasses.dataclass(frozen=True)
-class TrainParams:
+class TrainParams(Params):
     """`train`: the model, the optimiser and where it runs."""
 
     model: Literal["logreg", "mlp"]
@@ -43,7 +44,7 @@ class TrainParams:
     precision: Literal["fp32", "bf16", "fp16"]  # bf16/fp16 autocast on CUDA only
     tf32: bool  # allow TF32 matmuls on Ampere+ GPUs (faster, not bit-identical to fp32)
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         require(self.lr > 0, "train.lr", "must be > 0")
         require(0 <= self.momentum < 1, "train.momentum", "must be in [0, 1)")
         require(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
@@ -64,7 +65,9 @@ def main() -> None:
     device = resolve_device(params.device, "train.device")
     autocast = autocast_for(device, params.precision, "train.precision")
     make_deterministic(params.tf32)
+    warn_if_oversubscribed(params.threads)
     set_cpu_threads(params.threads)
+    numerics = numerics_in_effect()
 
     meta = load_meta(args.data)
     train_set = load_split(args.data, "train", device)
@@ -82,6 +85,7 @@ def main() -> None:
             "classes": meta["classes"],
             "dataset": meta["dataset"],
             "device": str(device),
+            "numerics": numerics,
             "recipe": recipe(params),
         }
         save_model(folder, model, card)
@@ -112,17 +116,35 @@ def fit(
     scheduler = make_schedule(params.lr_schedule, optimizer, params.epochs * steps_per_epoch)
     scaler = torch.amp.GradScaler("cuda") if params.precision == "fp16" else None
     shuffle = torch.Generator().manual_seed(params.seed)
-    for _ in range(params.epochs):
+    for epoch in range(1, params.epochs + 1):
         order = epoch_order(len(images), shuffle, device)
         train_scores = train_epoch(
             model, images, labels, order, params.batch_size, optimizer, scheduler, autocast, scaler
         )
         val_scores = score(predict(model, val_set[0], EVAL_BATCH), val_set[1])
+        # Checked once per epoch (a check per step would synchronise CUDA every batch): NaN weights never
+        # recover, and a model that writes NaN metrics must not pass for a result.
+        if not (math.isfinite(train_scores.loss) and math.isfinite(val_scores.loss)):
+            raise StageError(
+                f"train.lr: training diverged in epoch {epoch} (loss {train_scores.loss}, validation loss "
+                f"{val_scores.loss}); lower train.lr (now {params.lr}); nothing was written"
+            )
         for split, scores in (("train", train_scores), ("val", val_scores)):
             live.log_metric(f"{split}/loss", round(scores.loss, 6))
             live.log_metric(f"{split}/accuracy", round(scores.accuracy, 6))
         live.next_step()
     return model
+
+
+def warn_if_oversubscribed(threads: int) -> None:
+    """More threads than cores only makes them wait for each other; say so, but run as asked."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if threads > cores:
+        print(
+            f"train: warning: train.threads: {threads} threads on {cores} CPU cores here; each thread "
+            f"beyond {cores} waits for the others (set train.threads: {cores} or fewer)",
+            file=sys.stderr,
+        )
 
 
 def recipe(params: TrainParams) -> dict[str, Any]:
@@ -132,7 +154,7 @@ def recipe(params: TrainParams) -> dict[str, Any]:
     a change that cannot change the weights (hidden sizes of a logreg, auto -> cpu on a CPU machine)
     leaves the model's bytes, and so the evaluate stage, untouched.
     """
-    fields = dataclasses.asdict(params)
+    fields = params.model_dump()
     for key in ("model", "hidden", "device"):
         fields.pop(key)
     return fields

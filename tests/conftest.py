@@ -1,171 +1,57 @@
-"""Shared fixtures: small IDX datasets made on the spot, and throw-away copies of the project to run DVC in."""
+"""Fixtures, and a guard that keeps `make check` quick: a test that starts DVC, a stage or a server says so.
+
+The helpers the tests share are plain functions in helpers.py.
+"""
 
 from __future__ import annotations
 
-import gzip
-import hashlib
 import os
-import shutil
 import subprocess
-import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
-import yaml
-
-PROJECT = Path(__file__).resolve().parent.parent
-PYTHON_BIN = str(Path(sys.executable).parent)  # the venv's bin: `python` and `dvc` in dvc.yaml resolve here
-TINY = "tiny"  # the dataset name the tests register in a project copy
-
-
-def idx_bytes(tensor: torch.Tensor) -> bytes:
-    """Encode a uint8 tensor in the IDX format: magic 0x0000 08 <ndim>, big-endian sizes, then the data."""
-    header = bytes([0, 0, 0x08, tensor.dim()]) + b"".join(size.to_bytes(4, "big") for size in tensor.shape)
-    return header + tensor.contiguous().numpy().tobytes()
-
-
-def synthetic_split(count: int, seed: int, num_classes: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
-    """Learnable 28x28 images: class k lights up row band k, plus noise. uint8 (N, 28, 28), uint8 (N,)."""
-    generator = torch.Generator().manual_seed(seed)
-    labels = torch.arange(count) % num_classes
-    labels = labels[torch.randperm(count, generator=generator)]
-    images = torch.randint(0, 90, (count, 28, 28), generator=generator)
-    for k in range(num_classes):
-        rows = slice(2 + 2 * k, 4 + 2 * k)
-        images[labels == k, rows, :] += 150
-    return images.clamp(0, 255).to(torch.uint8), labels.to(torch.uint8)
-
-
-def write_dataset(folder: Path, n_train: int = 600, n_test: int = 200, seed: int = 0) -> dict:
-    """Write the four gzipped IDX files of a synthetic dataset into `folder`; return its registry entry."""
-    folder.mkdir(parents=True, exist_ok=True)
-    train_images, train_labels = synthetic_split(n_train, seed)
-    test_images, test_labels = synthetic_split(n_test, seed + 1)
-    payloads = {
-        "train_images": ("train-images-idx3-ubyte.gz", idx_bytes(train_images)),
-        "train_labels": ("train-labels-idx1-ubyte.gz", idx_bytes(train_labels)),
-        "test_images": ("t10k-images-idx3-ubyte.gz", idx_bytes(test_images)),
-        "test_labels": ("t10k-labels-idx1-ubyte.gz", idx_bytes(test_labels)),
-    }
-    files = {}
-    for role, (name, payload) in payloads.items():
-        compressed = gzip.compress(payload, mtime=0)
-        (folder / name).write_bytes(compressed)
-        files[role] = {
-            "name": name,
-            "gz_md5": hashlib.md5(compressed).hexdigest(),
-            "gz_size": len(compressed),
-            "payload_sha256": hashlib.sha256(payload).hexdigest(),
-            "payload_size": len(payload),
-        }
-    return {"classes": [f"class {k}" for k in range(10)], "mirrors": [str(folder) + "/"], "files": files}
-
-
-def register_dataset(project: Path, name: str, entry: dict) -> None:
-    """Add `name` to the registry of a project copy (the registry is data, so tests extend it)."""
-    registry_file = project / "stages" / "datasets.yaml"
-    registry = yaml.safe_load(registry_file.read_text())
-    registry[name] = entry
-    registry_file.write_text(yaml.safe_dump(registry, sort_keys=False))
-
-
-def set_params(project: Path, **changes: object) -> None:
-    """Edit params.yaml of a project copy: set_params(p, **{"train.lr": 0.1})."""
-    params_file = project / "params.yaml"
-    params = yaml.safe_load(params_file.read_text())
-    for dotted, value in changes.items():
-        section, key = dotted.split(".")
-        params[section][key] = value
-    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
-
-
-def project_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PATH"] = PYTHON_BIN + os.pathsep + env.get("PATH", "")
-    env["DVC_NO_ANALYTICS"] = "1"
-    env.setdefault("GIT_AUTHOR_NAME", "test")
-    env.setdefault("GIT_AUTHOR_EMAIL", "test@example.com")
-    env.setdefault("GIT_COMMITTER_NAME", "test")
-    env.setdefault("GIT_COMMITTER_EMAIL", "test@example.com")
-    return env
-
-
-def run(cwd: Path, *command: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run a command in a project copy with the venv first on PATH; output captured as text."""
-    result = subprocess.run(command, cwd=cwd, env=project_env(), capture_output=True, text=True, timeout=timeout)
-    if check and result.returncode != 0:
-        raise AssertionError(
-            f"{' '.join(command)} exited {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
-        )
-    return result
-
-
-def dvc(cwd: Path, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
-    return run(cwd, "dvc", *args, check=check, timeout=timeout)
-
-
-def stages_run(result: subprocess.CompletedProcess) -> list[str]:
-    """The stages a `dvc repro` executed (not skipped, not restored from the run-cache), in order."""
-    return [line.split("'")[1] for line in result.stdout.splitlines() if line.startswith("Running stage '")]
-
-
-def stages_restored(result: subprocess.CompletedProcess) -> list[str]:
-    """The stages a `dvc repro` restored from the run-cache instead of running them."""
-    return [
-        line.split("'")[1]
-        for line in result.stdout.splitlines()
-        if line.startswith("Stage '") and "is cached - skipping run, checking out outputs" in line
-    ]
-
-
-def copy_project(destination: Path) -> Path:
-    """Copy the project's tracked and untracked-but-not-ignored files, as a fresh clone would have them."""
-    listed = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-        cwd=PROJECT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split("\0")
-    for relative in filter(None, listed):
-        source = PROJECT / relative
-        if source.is_file():
-            target = destination / relative
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, target)
-    return destination
-
-
-TINY_PARAMS = {
-    "data.dataset": TINY,
-    "preprocess.val_size": 100,
-    "train.epochs": 2,
-    "train.batch_size": 50,
-    "evaluate.misclassified_grid": 8,
-}
-
-
-def make_tiny_project(root: Path) -> Path:
-    """A git repo holding a copy of the project in `root`/project, set up to run on a tiny synthetic dataset.
-
-    The dataset is registered with real checksums of the files it serves from a local-directory mirror
-    (`root`/mirror); the metrics committed for the real dataset are removed so that nothing stale is
-    mistaken for output.
-    """
-    project = copy_project(root / "project")
-    entry = write_dataset(root / "mirror")
-    register_dataset(project, TINY, entry)
-    set_params(project, **TINY_PARAMS)
-    (project / "dvc.lock").unlink(missing_ok=True)
-    shutil.rmtree(project / "metrics", ignore_errors=True)
-    run(project, "git", "init", "-q", "-b", "main")
-    run(project, "git", "add", "-A")
-    run(project, "git", "commit", "-qm", "tiny project")
-    return project
+from helpers import make_tiny_project
 
 
 @pytest.fixture
 def tiny_project(tmp_path: Path) -> Path:
-    """A tiny project (see make_tiny_project) for one test."""
+    """A tiny project (see helpers.make_tiny_project) for one test."""
     return make_tiny_project(tmp_path)
+
+
+def marker_for(argv: list[str]) -> str | None:
+    """The marker a test needs to start `argv`: e2e for `dvc` and `python -m stages...`, server for `weed`."""
+    program = Path(argv[0]).name if argv else ""
+    if program == "dvc" or (argv[1:2] == ["-m"] and argv[2:3] and argv[2].partition(".")[0] == "stages"):
+        return "e2e"
+    if program == "weed":
+        return "server"
+    return None
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    """Fail a test (its fixtures included) that starts what `make check` leaves out without the marker for it.
+
+    subprocess.run, check_output and Popen all construct a Popen: the tests and helpers start processes no other way.
+    """
+    original = subprocess.Popen.__init__
+
+    def guarded(self: subprocess.Popen, args: object, *more: object, **kwargs: object) -> None:
+        single = isinstance(args, (str, bytes, os.PathLike))  # a shell line, or a program without arguments
+        argv = os.fsdecode(args).split() if single else [os.fsdecode(arg) for arg in args]
+        marker = marker_for(argv)
+        if marker is not None and item.get_closest_marker(marker) is None:
+            pytest.fail(
+                f"{item.nodeid} starts `{' '.join(argv)}` but is not marked {marker}: "
+                f"add @pytest.mark.{marker}, or `make check` runs it",
+                pytrace=False,
+            )
+        original(self, args, *more, **kwargs)
+
+    subprocess.Popen.__init__ = guarded
+    try:
+        return (yield)
+    finally:
+        subprocess.Popen.__init__ = original

@@ -20,6 +20,9 @@ HOST = "127.0.0.1"
 REGION = "us-east-1"
 ACCESS_KEY = "team-access-key"
 SECRET_KEY = "team-secret-key"
+# A second identity that may read and list but not write: what a push with read-only keys meets.
+READER_ACCESS_KEY = "reader-access-key"
+READER_SECRET_KEY = "reader-secret-key"
 # weed puts a few of its gRPC sockets in /tmp, named by port, whatever its flags say; teardown removes ours.
 SOCKET_GLOB = "seaweedfs-*-{port}.sock"
 PORT_NAMES = ("master", "master.grpc", "volume", "volume.grpc", "filer", "filer.grpc", "s3", "s3.grpc")
@@ -49,7 +52,12 @@ class WeedServer:
             "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
             "actions": ["Admin", "Read", "Write", "List", "Tagging"],
         }
-        self.s3_config.write_text(json.dumps({"identities": [identity]}))
+        reader = {
+            "name": "reader",
+            "credentials": [{"accessKey": READER_ACCESS_KEY, "secretKey": READER_SECRET_KEY}],
+            "actions": ["Read", "List"],
+        }
+        self.s3_config.write_text(json.dumps({"identities": [identity, reader]}))
 
     @property
     def endpoint(self) -> str:

@@ -1,4 +1,5 @@
-"""Helpers for the sharing tests: a bare git origin, teammates' clones, and fingerprints of what they hold."""
+"""Helpers for the sharing tests: the two remotes, a bare git origin, teammates' clones, and fingerprints of
+what they hold."""
 
 from __future__ import annotations
 
@@ -7,10 +8,74 @@ import json
 from pathlib import Path
 
 import yaml
-from conftest import dvc, make_tiny_project, run
+from helpers import dvc, make_tiny_project, run
+from s3server import ACCESS_KEY, REGION, SECRET_KEY, WeedServer
 
 CODE_TAG = "code"  # the origin's first commit: the pipeline without any results
 SHARED = ("data", "models", "metrics")  # everything a pipeline run produces
+
+
+class LocalRemote:
+    """The default remote of .dvc/config, untouched: a folder under `~`, with zero set-up."""
+
+    name = "local-storage"
+
+    def __init__(self, home: Path) -> None:
+        self.root = home / "dvc-storage" / "mnist-dvc-pipeline"  # the url in .dvc/config, under this `~`
+
+    def configure(self, project: Path) -> None:
+        pass  # .dvc/config already names it
+
+    def set_credentials(self, project: Path) -> None:
+        pass
+
+    def read(self, key: str) -> bytes:
+        return (self.root / key).read_bytes()
+
+    def write(self, key: str, data: bytes) -> None:
+        (self.root / key).chmod(0o644)  # DVC leaves what it stores read-only
+        (self.root / key).write_bytes(data)
+
+    def listing(self, folder: str) -> list[str]:
+        return sorted(path.name for path in (self.root / folder).iterdir())
+
+
+class S3Remote:
+    """A bucket on a real S3 server (SeaweedFS's `weed`), committed to .dvc/config as a team would commit it
+    (url, endpointurl, region, verify); each clone's keys go in its own .dvc/config.local, which git ignores."""
+
+    name = "team"
+    bucket = "team-results"
+    prefix = "mnist"
+    url = f"s3://{bucket}/{prefix}"
+
+    def __init__(self, server: WeedServer) -> None:
+        self.server = server
+
+    def configure(self, project: Path) -> None:
+        dvc(project, "remote", "add", "--default", self.name, self.url)
+        dvc(project, "remote", "modify", self.name, "endpointurl", self.server.endpoint)
+        dvc(project, "remote", "modify", self.name, "region", REGION)
+        dvc(project, "remote", "modify", self.name, "verify", "true")
+        run(project, "git", "commit", "-qam", "share results through the team's S3 bucket")
+
+    def set_credentials(self, project: Path, secret: str = SECRET_KEY, access_key: str = ACCESS_KEY) -> None:
+        """Keys for this clone only: .dvc/config.local is ignored by git."""
+        dvc(project, "remote", "modify", "--local", self.name, "access_key_id", access_key)
+        dvc(project, "remote", "modify", "--local", self.name, "secret_access_key", secret)
+
+    def read(self, key: str) -> bytes:
+        return self.server.filesystem().cat(f"{self.bucket}/{self.prefix}/{key}")
+
+    def write(self, key: str, data: bytes) -> None:
+        self.server.filesystem().pipe(f"{self.bucket}/{self.prefix}/{key}", data)
+
+    def listing(self, folder: str) -> list[str]:
+        return sorted(Path(path).name for path in self.server.filesystem().ls(f"{self.bucket}/{self.prefix}/{folder}"))
+
+    def everything(self) -> list[str]:
+        """Every object in the bucket, to tell that a check left nothing behind."""
+        return sorted(self.server.filesystem().find(self.bucket))
 
 
 def make_origin(root: Path, configure=None) -> Path:
@@ -27,6 +92,13 @@ def make_origin(root: Path, configure=None) -> Path:
 def clone(origin: Path, destination: Path, branch: str = "main") -> Path:
     run(origin.parent, "git", "clone", "-q", "-b", branch, str(origin), str(destination))
     return destination
+
+
+def teammate(remote: LocalRemote | S3Remote, origin: Path, where: Path, branch: str = "main") -> Path:
+    """A fresh clone with this clone's keys for the remote (where it needs any)."""
+    project = clone(origin, where, branch)
+    remote.set_credentials(project)
+    return project
 
 
 def commit_and_push(project: Path, message: str, branch: str = "main") -> None:

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import PROJECT, dvc, make_tiny_project, run, set_params, stages_run
+from helpers import PROJECT, dvc, make_tiny_project, run, set_params, stages_run
 
 ALL_STAGES = ["download", "preprocess", "train", "evaluate"]
 # One epoch each: at the smaller rate the logreg is still far from the answer, at the larger it gets there.
 RUN_1, RUN_2 = {"train.lr": 0.0003}, {"train.lr": 0.01}
-N_TEST = 200  # test images of the tiny dataset (conftest.write_dataset)
+N_TEST = 200  # test images of the tiny dataset (helpers.write_dataset)
 GRID = {(0.01, 256), (0.01, 1024), (0.1, 256), (0.1, 1024)}  # (train.lr, train.batch_size)
 BROWSER_NAMES = ("chromium", "chromium-browser", "google-chrome")
 
@@ -59,6 +59,7 @@ def clone(history: Path, tmp_path: Path) -> Path:
     return clone
 
 
+@pytest.mark.e2e
 def test_metrics_diff_reports_the_accuracy_change(clone: Path) -> None:
     diff = json.loads(dvc(clone, "metrics", "diff", "HEAD~1", "--json").stdout)
 
@@ -75,6 +76,7 @@ def test_metrics_diff_reports_the_accuracy_change(clone: Path) -> None:
     assert re.search(r"^\| metrics/test\.json +\| accuracy +\|", table, re.M)
 
 
+@pytest.mark.e2e
 def test_params_diff_reports_the_params_change(clone: Path) -> None:
     diff = json.loads(dvc(clone, "params", "diff", "HEAD~1", "--json").stdout)
     assert diff == {
@@ -92,6 +94,7 @@ def declared_plots(project: Path) -> list[str]:
     return [re.sub(r"\$\{(\w+)\}", lambda m: variables[m[1]], plot_id) for plot_id in ids]
 
 
+@pytest.mark.e2e
 def test_plots_show_renders_every_declared_plot(clone: Path) -> None:
     shown = json.loads(dvc(clone, "plots", "show", "--json").stdout)
     assert "errors" not in shown
@@ -106,6 +109,7 @@ def page_specs(page: str) -> dict[str, dict]:
     return {div: json.loads(spec) for div, spec in re.findall(pattern, page)}
 
 
+@pytest.mark.e2e
 def test_plots_diff_page_holds_both_confusion_matrices(clone: Path, tmp_path: Path) -> None:
     out = tmp_path / "plots"
     dvc(clone, "plots", "diff", "HEAD~1", "-o", str(out))
@@ -150,6 +154,7 @@ def browse(browser: str, profile: Path, *args: str) -> subprocess.CompletedProce
     return subprocess.run([browser, *flags, *args], capture_output=True, text=True, timeout=180, check=True)
 
 
+@pytest.mark.e2e
 def test_plots_page_renders_offline_in_chromium(clone: Path, tmp_path: Path) -> None:
     browser = find_browser()
     if browser is None:
@@ -187,6 +192,7 @@ def test_offline_template_carries_the_vega_versions_dvc_asks_for() -> None:
     assert inlined == dvc_versions(), "DVC's renderer changed its Vega versions: run python tools/offline_plots.py"
 
 
+@pytest.mark.e2e
 def test_metrics_diff_against_a_commit_without_metrics(clone: Path) -> None:
     result = dvc(clone, "metrics", "diff", "HEAD~2", "--json")  # `tiny project`: nothing run yet
     assert "DVC failed to load some metrics for following revisions: 'HEAD~2'." in result.stderr
@@ -195,6 +201,7 @@ def test_metrics_diff_against_a_commit_without_metrics(clone: Path) -> None:
     assert accuracy == {"old": None, "new": json.loads((clone / "metrics" / "test.json").read_text())["accuracy"]}
 
 
+@pytest.mark.e2e
 def test_metrics_diff_with_a_metrics_file_that_is_not_json(clone: Path) -> None:
     (clone / "metrics" / "test.json").write_text('{"accuracy": 0.9,\n')
     result = dvc(clone, "metrics", "diff", "HEAD~1")
@@ -216,6 +223,7 @@ def experiments(clone: Path) -> list[dict]:
     return [rev for exp in baseline.get("experiments") or [] for rev in exp["revs"]]
 
 
+@pytest.mark.e2e
 def test_exp_run_from_a_clean_checkout(clone: Path) -> None:
     assert run(clone, "git", "status", "--porcelain").stdout == ""
     result = dvc(clone, "exp", "run", "-S", "train.lr=0.05")
@@ -232,6 +240,7 @@ def test_exp_run_from_a_clean_checkout(clone: Path) -> None:
     assert not [line for line in changed if "dvclive" in line or line.endswith(("dvc.yaml", "report.html"))]
 
 
+@pytest.mark.e2e
 def test_queued_grid_finishes_all_four(clone: Path, history: Path) -> None:
     # Share the history's cache, as a team shares one: the grid then reruns train and evaluate only.
     dvc(clone, "cache", "dir", "--local", str(history / ".dvc" / "cache"))

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import TINY, dvc, project_env, run, set_params, stages_run
+from helpers import TINY, dvc, project_env, run, set_params, stages_run
 from http_mirror import (
     HttpMirror,
     altered,
@@ -42,6 +42,8 @@ TEST_LABELS = "t10k-labels-idx1-ubyte.gz"
 NAMES = [TRAIN_IMAGES, TRAIN_LABELS, TEST_IMAGES, TEST_LABELS]
 RAW_FILES = sorted(["dataset.json", *(name.removesuffix(".gz") for name in NAMES)])
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+pytestmark = pytest.mark.e2e  # every test runs the stage; those with an HTTP mirror are marked server too
 
 
 @pytest.fixture
@@ -99,6 +101,7 @@ def assert_nothing_usable(project: Path, mirror_folder: Path) -> None:
         assert path.read_bytes() == gzip.decompress((mirror_folder / f"{path.name}.gz").read_bytes())
 
 
+@pytest.mark.server
 def test_404_warns_and_takes_the_next_mirror(tiny_project: Path, mirror_folder: Path, http: HttpMirror) -> None:
     http.script(TRAIN_IMAGES, status(404))
     configure(tiny_project, http.url)
@@ -117,6 +120,7 @@ def test_404_warns_and_takes_the_next_mirror(tiny_project: Path, mirror_folder: 
     assert_complete(tiny_project, mirror_folder)
 
 
+@pytest.mark.server
 def test_transient_errors_are_retried_on_the_same_mirror(
     tiny_project: Path, mirror_folder: Path, http: HttpMirror
 ) -> None:
@@ -137,6 +141,7 @@ def test_transient_errors_are_retried_on_the_same_mirror(
     assert_complete(tiny_project, mirror_folder)
 
 
+@pytest.mark.server
 def test_short_body_stall_and_reset_fall_through_to_the_next_mirror(
     tiny_project: Path, mirror_folder: Path, http: HttpMirror
 ) -> None:
@@ -158,6 +163,7 @@ def test_short_body_stall_and_reset_fall_through_to_the_next_mirror(
     assert_complete(tiny_project, mirror_folder)
 
 
+@pytest.mark.server
 def test_redirects_are_followed_to_http_only(tiny_project: Path, mirror_folder: Path, http: HttpMirror) -> None:
     http.script(TRAIN_IMAGES, redirect(f"/moved/{TRAIN_IMAGES}"))
     http.script(f"moved/{TRAIN_IMAGES}", serve)
@@ -174,6 +180,7 @@ def test_redirects_are_followed_to_http_only(tiny_project: Path, mirror_folder: 
     assert_complete(tiny_project, mirror_folder)
 
 
+@pytest.mark.server
 def test_wrong_bytes_on_the_first_mirror_good_on_the_second_through_dvc_repro(
     tiny_project: Path, mirror_folder: Path, http: HttpMirror
 ) -> None:
@@ -207,6 +214,7 @@ def closed_port() -> int:
         return probe.getsockname()[1]
 
 
+@pytest.mark.server
 def test_every_mirror_bad_lists_every_attempt(
     tiny_project: Path, mirror_folder: Path, http: HttpMirror, tmp_path: Path
 ) -> None:
@@ -323,6 +331,7 @@ def test_unusable_mirror_is_refused_before_anything_is_fetched(tiny_project: Pat
     [(["dvc", "repro", "download"], False), (["python", "-m", "stages.download", "--out", "data/raw"], True)],
     ids=["dvc-repro", "stage-over-a-complete-raw"],
 )
+@pytest.mark.server
 def test_sigkill_mid_download_then_a_clean_rerun(
     tiny_project: Path, mirror_folder: Path, http: HttpMirror, command: list[str], over_a_complete_raw: bool
 ) -> None:

@@ -14,15 +14,23 @@ STAGES = DVC_YAML["stages"]
 
 
 def imported_stage_modules(module: str, seen: set[str] | None = None) -> set[str]:
-    """`stages/<module>.py` and every stages module it imports, transitively (lazy imports included)."""
+    """`stages/<module>.py` and every stages module it imports, transitively (lazy imports included).
+
+    The package's `__init__` runs before any of its modules, so it counts as imported by every stage.
+    """
     seen = set() if seen is None else seen
     path = f"stages/{module}.py"
     if path in seen:
         return seen
     seen.add(path)
+    if module != "__init__":
+        imported_stage_modules("__init__", seen)
     tree = ast.parse((PROJECT / path).read_text())
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("stages."):
+        if isinstance(node, ast.ImportFrom) and node.module == "stages":
+            for alias in node.names:
+                imported_stage_modules(alias.name, seen)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("stages."):
             imported_stage_modules(node.module.split(".", 1)[1], seen)
         elif isinstance(node, ast.Import):
             for alias in node.names:

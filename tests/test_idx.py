@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import dvc, idx_bytes, register_dataset, run, set_params, write_dataset
+from helpers import dvc, idx_bytes, register_dataset, run, set_params, write_dataset
 from torchvision.datasets.mnist import read_sn3_pascalvincent_tensor
 
 from stages.cli import StageError
@@ -134,6 +134,7 @@ def preprocess(project: Path) -> subprocess.CompletedProcess:
     ],
     ids=["truncated-images", "label-out-of-range"],
 )
+@pytest.mark.e2e
 def test_preprocess_stage_fails_in_one_line_and_leaves_processed_alone(
     tiny_project: Path, file: str, damage: Callable[[bytes], bytes], message: str
 ) -> None:
@@ -159,6 +160,7 @@ def test_preprocess_stage_fails_in_one_line_and_leaves_processed_alone(
     ],
     ids=["not-json", "no-files"],
 )
+@pytest.mark.e2e
 def test_a_damaged_manifest_is_one_line_not_a_traceback(tiny_project: Path, manifest: str, problem: str) -> None:
     run(tiny_project, "python", "-m", "stages.download", "--out", "data/raw")
     (tiny_project / "data" / "raw" / "dataset.json").write_text(manifest)
@@ -170,6 +172,7 @@ def test_a_damaged_manifest_is_one_line_not_a_traceback(tiny_project: Path, mani
     assert not (tiny_project / "data" / "processed").exists()
 
 
+@pytest.mark.e2e
 def test_dvc_repro_stops_at_a_registered_dataset_with_bad_labels(tiny_project: Path, tmp_path: Path) -> None:
     """A registry entry whose checksums are right for broken files: download accepts them, preprocess must not."""
     entry = write_dataset(tmp_path / "bad-mirror", seed=3)

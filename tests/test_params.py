@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import dvc, run, set_params
+from helpers import dvc, run, set_params
 
 from stages.cli import StageError
 from stages.download import DataParams
@@ -27,7 +26,7 @@ def default_section(section: str) -> dict:
 @pytest.mark.parametrize("section", SCHEMAS)
 def test_the_committed_params_parse(section: str) -> None:
     parsed = load_section(PROJECT / "params.yaml", section, SCHEMAS[section])
-    assert dataclasses.is_dataclass(parsed)
+    assert isinstance(parsed, SCHEMAS[section]) and parsed.model_config["frozen"]
 
 
 @pytest.mark.parametrize(
@@ -105,6 +104,7 @@ CLI_CASES = [
 OUTPUTS = {"download": "data/raw", "preprocess": "data/processed", "train": "models", "evaluate": "metrics"}
 
 
+@pytest.mark.e2e
 def test_bad_params_through_the_stage_clis(tiny_project: Path) -> None:
     import torch
 
@@ -128,6 +128,7 @@ def test_bad_params_through_the_stage_clis(tiny_project: Path) -> None:
         dvc(tiny_project, "checkout", "--force")  # bring back the removed output for the next case
 
 
+@pytest.mark.e2e
 def test_each_stage_reads_only_the_params_dvc_yaml_declares(tiny_project: Path) -> None:
     """Run each stage with a params.yaml holding only what dvc.yaml declares for it: an undeclared read fails."""
     dvc(tiny_project, "repro")

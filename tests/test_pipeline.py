@@ -6,10 +6,13 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 import yaml
-from conftest import dvc, run, set_params, stages_restored, stages_run
+from helpers import dvc, register_dataset, run, set_params, stages_restored, stages_run, write_dataset
 
 ALL_STAGES = ["download", "preprocess", "train", "evaluate"]
+
+pytestmark = pytest.mark.e2e
 
 
 def lock_hashes(project: Path) -> dict[str, str]:
@@ -70,8 +73,6 @@ def test_only_what_changed_reruns(tiny_project: Path) -> None:
 
 
 def test_switching_dataset_reruns_all_four(tiny_project: Path, tmp_path: Path) -> None:
-    from conftest import register_dataset, write_dataset
-
     register_dataset(tiny_project, "tiny2", write_dataset(tmp_path / "mirror2", seed=7))
     run(tiny_project, "git", "commit", "-qam", "second tiny dataset")
     dvc(tiny_project, "repro")

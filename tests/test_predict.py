@@ -1,7 +1,8 @@
 """Predicting from files: the model's refusals, the dataset's framing, and the command line's one-line errors.
 
-No DVC here: the model is a freshly initialised logreg saved the way the train stage saves one, and the
-oracle for every prediction is that model's own forward pass on the same pixels.
+No DVC here (the command-line tests start `python -m stages.predict`, so they are marked e2e): the model
+is a freshly initialised logreg saved the way the train stage saves one, and the oracle for every
+prediction is that model's own forward pass on the same pixels.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import PROJECT, idx_bytes, project_env, synthetic_split
+from helpers import PROJECT, idx_bytes, project_env, synthetic_split
 from PIL import Image
 
 from stages.contract import ImageInputError
@@ -111,6 +112,7 @@ def test_picture_at_the_model_size_is_taken_as_is() -> None:
         assert inverted and conversion == "28x28 as is, inverted"
 
 
+@pytest.mark.e2e
 def test_cli_predicts_what_the_model_predicts(model_dir: Path, tmp_path: Path) -> None:
     images, _ = synthetic_split(6, seed=1)
     np.save(tmp_path / "batch.npy", images[:3].numpy())
@@ -134,6 +136,7 @@ def test_cli_predicts_what_the_model_predicts(model_dir: Path, tmp_path: Path) -
         assert [entry["class"] for entry in row["top_k"]] == [card["classes"][i] for i in probabilities.topk(2).indices]
 
 
+@pytest.mark.e2e
 def test_cli_bad_inputs_are_one_line_each_and_the_rest_is_predicted(model_dir: Path, tmp_path: Path) -> None:
     good = np.full((90, 60, 3), 250, np.uint8)
     good[10:80, 15:45] = (200, 20, 20)
@@ -165,6 +168,7 @@ def test_cli_bad_inputs_are_one_line_each_and_the_rest_is_predicted(model_dir: P
     assert row.startswith("shirt.jpg ") and "inverted, 60x90 trimmed to " in row  # JPEG ringing widens 30x70
 
 
+@pytest.mark.e2e
 def test_cli_without_a_model_says_where_to_get_one(tmp_path: Path) -> None:
     Image.new("L", (28, 28)).save(tmp_path / "a.png")
     result = predict_cli(tmp_path, "a.png")

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
-from conftest import copy_project, dvc, run, stages_run
+from helpers import copy_project, dvc, init_repo, stages_run
 
 DEBIAN_MIRROR = Path("/usr/share/datasets/fashion-mnist")
 # The Fashion-MNIST paper's LogisticRegression baseline (benchmark/baselines.json in its repository).
@@ -15,6 +14,7 @@ ACCURACY_FLOOR = 0.842
 
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.e2e,
     pytest.mark.skipif(
         not DEBIAN_MIRROR.is_dir(), reason="needs Debian's dataset-fashion-mnist (make test installs it via apt)"
     ),
@@ -22,12 +22,7 @@ pytestmark = [
 
 
 def test_default_pipeline_reaches_the_logistic_regression_baseline(tmp_path: Path) -> None:
-    project = copy_project(tmp_path / "project")
-    (project / "dvc.lock").unlink(missing_ok=True)
-    shutil.rmtree(project / "metrics", ignore_errors=True)
-    run(project, "git", "init", "-q", "-b", "main")
-    run(project, "git", "add", "-A")
-    run(project, "git", "commit", "-qm", "fresh clone")
+    project = init_repo(copy_project(tmp_path / "project"), "fresh clone")
 
     first = dvc(project, "repro")
     assert stages_run(first) == ["download", "preprocess", "train", "evaluate"]

@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import TINY, dvc, project_env, run, set_params
+from helpers import TINY, dvc, project_env, run, set_params
 from PIL import Image
 from safetensors.numpy import load_file
 from team import clone, commit_and_push, fingerprint, make_origin
 
-pytestmark = pytest.mark.dvc
+pytestmark = pytest.mark.e2e
 
 NAME, VERSION = "classifier", "v1.0.0"
 SAMPLES = 12  # test images written as PNGs, three ways each

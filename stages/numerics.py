@@ -1,0 +1,79 @@
+"""The CPU numerics every stage computes with, pinned so that any x86-64 CPU with AVX2 gives the same bytes.
+
+Unless told otherwise, the CPU decides which kernels a float op runs, and each kernel sums in its own
+order: ATen dispatches its vectorised kernels by CPU capability (AVX2, AVX-512), MKL picks its GEMM
+kernels by vendor and instruction set, oneDNN its convolutions by instruction set. So the same params gave
+other model bytes on another machine, and a teammate's `dvc repro` reran everything downstream.
+
+Each library reads its variable once, when it initialises, so `pin` runs before torch loads: it is the
+one thing the `stages` package does on import. The choices:
+- ATen: `avx2`, the widest instruction set every such CPU has (AVX-512 machines run it too).
+- MKL: `COMPATIBLE`. MKL's conditional numerical reproducibility guarantees a branch like `AVX2` on Intel
+  CPUs only; elsewhere it silently falls back to `AUTO`, which dispatches by CPU. `COMPATIBLE` (SSE2) is the
+  one branch it documents for every x86-64 CPU, Intel or AMD.
+- oneDNN: at most `AVX2`, for the same reason as ATen.
+A variable the user set to something else is overridden (and reported), never silently obeyed.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from pathlib import Path
+
+PINNED = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "COMPATIBLE", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+# What torch reports (torch.backends.cpu.get_cpu_capability) when the pin took effect.
+PINNED_CAPABILITY = "AVX2"
+CPUINFO = Path("/proc/cpuinfo")
+# The user's values that `pin` replaced in this process, for the stage to report.
+OVERRIDDEN: dict[str, str] = {}
+
+
+def pin() -> dict[str, str]:
+    """Set the pinned variables, before torch loads; return the user's values that were overridden.
+
+    Does nothing where it cannot apply: on a CPU that is not x86-64, or lacks AVX2 and FMA (forcing ATen's
+    AVX2 kernels there would crash), or once torch is loaded (its libraries may have read their settings).
+    `settings()` then tells what is in effect, and the model card records it.
+    """
+    if "torch" in sys.modules or not is_x86_64() or not has_avx2():
+        return {}
+    overridden = {name: os.environ[name] for name, value in PINNED.items() if os.environ.get(name, value) != value}
+    os.environ.update(PINNED)
+    OVERRIDDEN.update(overridden)
+    return overridden
+
+
+def settings() -> dict[str, str | None]:
+    """The numerics in effect in this process, as the model card records them (imports torch)."""
+    import torch
+
+    return {
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "mkl_cbwr": os.environ.get("MKL_CBWR"),
+        "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA"),
+    }
+
+
+def is_pinned(current: dict[str, str | None]) -> bool:
+    """Whether `settings()` are the pinned ones, whose bytes every x86-64 CPU with AVX2 reproduces."""
+    return current == {
+        "cpu_capability": PINNED_CAPABILITY,
+        "mkl_cbwr": PINNED["MKL_CBWR"],
+        "onednn_max_cpu_isa": PINNED["ONEDNN_MAX_CPU_ISA"],
+    }
+
+
+def is_x86_64() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
+def has_avx2() -> bool:
+    """AVX2 and FMA, which ATen's AVX2 kernels need; read from /proc/cpuinfo, so without importing torch."""
+    try:
+        text = CPUINFO.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False  # not Linux: no way to tell before torch loads, so no pin (the card says so)
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return "avx2" in flags and "fma" in flags
