@@ -3,7 +3,7 @@
 Pure functions of paths, bytes and a `Frame` (the registry, `stages/datasets.yaml`, says how each dataset
 made its images); no argparse, no DVC, no torch. Pictures are decoded with PIL, chosen by start-up time:
 in a process that has imported torch, `from PIL import Image` adds at most 0.2 s and `import torchvision.io`
-2-5 s (benchmarks/predict_speed.py, 2 shared cores), for the same PNG and JPEG decoders.
+1.9-5 s (benchmarks/predict_speed.py, 2 shared cores), for the same PNG and JPEG decoders.
 """
 
 from __future__ import annotations
