@@ -260,3 +260,19 @@ def test_check_with_write_access_leaves_nothing(remote: S3Remote, alice: Path, o
     before = remote.everything()
     assert "reachable" in run(bob, sys.executable, "-m", "stages.commands.remote").stdout
     assert remote.everything() == before
+
+
+@S3_ONLY
+def test_released_model_is_fetched_by_version_through_s3(
+    remote: LocalRemote | S3Remote, alice: Path, origin: Path, tmp_path: Path
+) -> None:
+    # README, "Use the model elsewhere": A registers the committed model with GTO; someone outside the project
+    # fetches that version by name, the S3 remote committed in the project serving the files, a reader's keys
+    # on the command line. (tests/test_use_elsewhere.py does the same through the default remote, and predicts.)
+    run(alice, "gto", "register", "classifier", "--version", "v1.0.0")
+    run(alice, "git", "push", "-q", "origin", "classifier@v1.0.0")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    keys = [f"access_key_id={READER_ACCESS_KEY}", f"secret_access_key={READER_SECRET_KEY}"]
+    dvc(elsewhere, "artifacts", "get", str(origin), "classifier", "--rev", "v1.0.0", "--remote-config", *keys)
+    assert fingerprint(elsewhere, ("models",)) == fingerprint(alice, ("models",))

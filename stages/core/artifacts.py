@@ -177,10 +177,15 @@ def read_checked(
         raise damaged(path, problem(error) if problem else f"damaged ({first_error(error)})", artifact) from None
 
 
-def read_tensors(path: Path, artifact: Artifact) -> dict[str, Any]:
-    """The tensors of a safetensors file (which runs no pickled code); a FileProblem naming it otherwise."""
+def read_tensors(path: Path, artifact: Artifact, *, numpy: bool = False) -> dict[str, Any]:
+    """The tensors (numpy arrays if `numpy`) of a safetensors file, which runs no pickled code; a FileProblem
+    naming the file otherwise. Imported when called: torch's loader loads torch."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+
+    if numpy:
+        from safetensors.numpy import load_file
+    else:
+        from safetensors.torch import load_file
 
     try:
         return load_file(str(path))

@@ -1,4 +1,4 @@
-"""The registry of MNIST-family datasets (files, mirrors, sizes, checksums, class names) and the manifest
+"""The registry of MNIST-family datasets (files, mirrors, sizes, checksums, class names, framing) and the manifest
 that says which of them a download holds.
 
 The registry itself is data, `stages/datasets.yaml`, so that a test can register a small dataset of its
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
@@ -41,11 +41,24 @@ class FileSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class Frame:
+    """How the dataset made its square images from larger pictures (a light object on a dark background)."""
+
+    size: int  # side of the square image
+    box: int  # the object's longest edge is resized to this, aspect kept (MNIST: 20 inside 28)
+    trim_tolerance: float  # edges closer than this fraction of 255 to the corner colour are trimmed first
+    resample: Literal["nearest", "antialias"]  # subsampling (rows and columns skipped) or anti-aliased
+    sharpen_sigma: float | None  # Gaussian unsharp mask after resizing, or none
+    centre: Literal["box", "mass"]  # centre the resized box, or its centre of mass, in the square
+
+
+@dataclasses.dataclass(frozen=True)
 class DatasetSpec:
     name: str
     classes: tuple[str, ...]
     mirrors: tuple[str, ...]
     files: dict[str, FileSpec]  # by role, see ROLES
+    frame: Frame | None = None  # None: the dataset does not document it
 
 
 def load_registry(path: Path = REGISTRY_FILE) -> dict[str, DatasetSpec]:
@@ -67,7 +80,8 @@ def _dataset(name: str, entry: dict[str, Any]) -> DatasetSpec:
         if spec.gz_md5 is None and spec.payload_sha256 is None:
             # A file that nothing can verify would be accepted whatever its bytes: refuse the entry.
             raise ValueError(f"{REGISTRY_FILE.name}: {name}/{spec.name} has no checksum")
-    return DatasetSpec(name, tuple(entry["classes"]), tuple(entry["mirrors"]), files)
+    frame = Frame(**entry["frame"]) if entry.get("frame") else None
+    return DatasetSpec(name, tuple(entry["classes"]), tuple(entry["mirrors"]), files, frame)
 
 
 class Manifest(BaseModel):

@@ -17,7 +17,7 @@ from stages.core.errors import FileProblem, damaged, missing
 
 UNSIGNED_BYTE = 0x08  # the only element type MNIST-family files use
 GZIP_MAGIC = b"\x1f\x8b"
-ROLE = {1: "labels: count", 3: "images: count, height, width"}
+ROLE = {1: "labels: count", 2: "one image: height, width", 3: "images: count, height, width"}
 
 
 def read_idx(path: Path, dimensions: int) -> torch.Tensor:

@@ -1,68 +1,25 @@
-"""The classifiers, and saving/loading them as safetensors weights plus a JSON model card.
+"""The classifier, and saving/loading it as safetensors weights plus a JSON model card.
 
 A model takes uint8 images (B, H, W) and returns logits (B, classes): normalisation is its first step,
-so the saved model is usable for inference with nothing but its two files.
+so the saved model is usable for inference with nothing but its two files. Anything else (float pixels,
+another image size, a single H x W image) is refused with stages.core.contract's ImageInputError, which
+says how to convert. The card's types and the checks that need no torch are in stages/core/contract.py.
 """
 
 from __future__ import annotations
 
 import itertools
-import math
 from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 from torch import nn
 
-from stages.core.artifacts import read_checked, read_tensors, write_json, write_tensors
-from stages.core.errors import FileProblem, damaged
+from stages.core.artifacts import read_tensors, write_tensors
+from stages.core.contract import Architecture, Card, check_images, check_weights, layer_widths, read_card, write_card
+from stages.core.errors import FileProblem
 from stages.core.files import CARD, META, WEIGHTS
 from stages.core.splits import Meta
-
-# The card's JSON types: the keys and types are its writer's, the values its reader's business.
-Numerics = dict[str, str | None]  # stages.numerics.settings(): what the CPU computed with
-Recipe = dict[str, str | int | float | bool]  # TrainConfig.recipe(): what the weights depend on
-
-
-class Architecture(BaseModel):
-    """Enough to rebuild the network, written into the card."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
-
-    model: Literal["logreg", "mlp"]
-    hidden: tuple[PositiveInt, ...]  # widths of the mlp's hidden layers; none for logreg
-    image_shape: tuple[PositiveInt, PositiveInt]
-    num_classes: int = Field(ge=2)
-    mean: float
-    std: float = Field(gt=0)
-
-    @model_validator(mode="after")
-    def _hidden_layers_fit_the_model(self) -> Architecture:
-        if (self.model == "mlp") != bool(self.hidden):
-            raise ValueError(f"{self.model} with hidden widths {list(self.hidden)}")
-        return self
-
-
-class Card(BaseModel):
-    """model.json: what the model is, what it was trained on and how."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
-
-    architecture: Architecture
-    classes: tuple[str, ...]
-    dataset: str
-    device: str  # the device it was trained on
-    numerics: Numerics
-    recipe: Recipe
-
-    @model_validator(mode="after")
-    def _one_name_per_output(self) -> Card:
-        if len(self.classes) != self.architecture.num_classes:
-            raise ValueError(
-                f"{len(self.classes)} class names for {self.architecture.num_classes} outputs (num_classes)"
-            )
-        return self
 
 
 class Classifier(nn.Module):
@@ -70,15 +27,13 @@ class Classifier(nn.Module):
 
     def __init__(self, architecture: Architecture) -> None:
         super().__init__()
-        inputs = math.prod(architecture.image_shape)
-        hidden = architecture.hidden if architecture.model == "mlp" else ()
-        widths = [inputs, *hidden, architecture.num_classes]
         layers: list[nn.Module] = []
-        for index, (width_in, width_out) in enumerate(itertools.pairwise(widths)):
+        for index, (width_in, width_out) in enumerate(itertools.pairwise(layer_widths(architecture))):
             if index:
                 layers.append(nn.ReLU())
             layers.append(nn.Linear(width_in, width_out))
         self.layers = nn.Sequential(*layers)
+        self.image_shape = architecture.image_shape
         # x_normalised = (pixel / 255 - mean) / std = pixel * scale + shift; not saved with the weights
         # (the card holds mean and std), so they are non-persistent buffers that follow .to(device).
         mean, std = architecture.mean, architecture.std
@@ -86,6 +41,7 @@ class Classifier(nn.Module):
         self.register_buffer("shift", torch.tensor(-mean / std), persistent=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        check_images(images, self.image_shape)
         pixels = images.flatten(1).float()  # (B, H, W) uint8 -> (B, H*W) float32 in 0..255
         # The first layer applied to normalised pixels, W (pixels * scale + shift) + b, computed as
         # (W pixels) * scale + (b + shift * W 1): the same function of the same parameters (so the same
@@ -118,7 +74,7 @@ def save_model(folder: Path, model: nn.Module, card: Card) -> None:
     """Write the weights (from CPU tensors, so a GPU-trained model loads anywhere) and the card."""
     weights = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
     write_tensors(folder / WEIGHTS, weights)
-    write_json(folder / CARD, card.model_dump(mode="json"))
+    write_card(folder, card)
 
 
 def load_model(folder: Path, device: torch.device | str = "cpu") -> tuple[Classifier, Card]:
@@ -128,17 +84,15 @@ def load_model(folder: Path, device: torch.device | str = "cpu") -> tuple[Classi
     per output, every weight's name, dtype and shape), so a damaged or mismatched model is a FileProblem
     naming the file, never a model that evaluates "successfully".
     """
-    card = read_checked(folder / CARD, Card, "card")
+    card = read_card(folder)
     model = Classifier(card.architecture)
-    weights_path = folder / WEIGHTS
-    weights = read_tensors(weights_path, "weights")
-    expected = {name: (tensor.dtype, tuple(tensor.shape)) for name, tensor in model.state_dict().items()}
-    found = {name: (tensor.dtype, tuple(tensor.shape)) for name, tensor in weights.items()}
-    if found != expected:
-        wrong = sorted(name for name in expected.keys() | found.keys() if expected.get(name) != found.get(name))
-        first = wrong[0]
-        problem = f"does not match {folder / CARD} ({first}: expected {expected.get(first)}, found {found.get(first)})"
-        raise damaged(weights_path, problem, "weights")
+    weights = read_tensors(folder / WEIGHTS, "weights")
+    check_weights(
+        folder / WEIGHTS,
+        folder,
+        expected={name: (tensor.dtype, tuple(tensor.shape)) for name, tensor in model.state_dict().items()},
+        found={name: (tensor.dtype, tuple(tensor.shape)) for name, tensor in weights.items()},
+    )
     model.load_state_dict(weights)
     return model.to(device).eval(), card
 

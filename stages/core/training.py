@@ -17,10 +17,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from stages.core.contract import PREDICT_BATCH
 from stages.core.errors import SettingError
-
-# Images per forward pass when only predicting; it changes memory use, never the logits' values.
-PREDICT_BATCH = 8192
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # uint8 images (B, H, W), int64 labels (B,)
 

@@ -1,0 +1,187 @@
+"""Predicting from files: the model's refusals, the dataset's framing, and the command line's one-line errors.
+
+No DVC here (the command-line tests start `python -m stages.commands.predict`, so they are marked e2e): the model
+is a freshly initialised logreg saved the way the train stage saves one, and the oracle for every
+prediction is that model's own forward pass on the same pixels.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import PROJECT, idx_bytes, project_env, synthetic_split
+from PIL import Image
+
+from stages.core.contract import Card, ImageInputError
+from stages.core.datasets import load_registry
+from stages.core.images import fit_picture
+from stages.core.inference import load_classifier
+from stages.core.model import Classifier, architecture_for, load_model, save_model
+from stages.core.splits import Meta
+
+CLASSES = tuple(f"class {k}" for k in range(10))
+META = Meta(dataset="fashion-mnist", classes=CLASSES, image_shape=(28, 28), sizes={"train": 1}, mean=0.3, std=0.35)
+FASHION = load_registry()["fashion-mnist"].frame
+MNIST = load_registry()["mnist"].frame
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("model")
+    torch.manual_seed(0)
+    architecture = architecture_for("logreg", (), META)
+    save_model(
+        folder, Classifier(architecture), Card(architecture=architecture, classes=CLASSES, dataset="fashion-mnist")
+    )
+    return folder
+
+
+def predict_cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    env = project_env() | {"PYTHONPATH": str(PROJECT)}  # this checkout's stages, from any directory
+    return subprocess.run(
+        [sys.executable, "-m", "stages.commands.predict", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.mark.parametrize(
+    ("images", "message"),
+    [
+        (torch.rand(4, 28, 28), r"got torch.float32 pixels; the model takes uint8 pixels 0-255: .*\* 255\).round\(\)"),
+        (torch.zeros(28, 28, dtype=torch.uint8), r"one image of shape \(28, 28\).*batch of one, images\[None\]"),
+        (torch.zeros(4, 32, 32, dtype=torch.uint8), r"got 32x32 images; the model takes 28x28 images"),
+        (torch.zeros(4, 784, dtype=torch.uint8), r"got 2 dimensions \(4, 784\); the model takes a batch of 28x28"),
+    ],
+)
+def test_model_refuses_what_it_cannot_score(model_dir: Path, images: torch.Tensor, message: str) -> None:
+    model, _ = load_model(model_dir)
+    with pytest.raises(ImageInputError, match=message):
+        model(images)
+    numpy_model, _ = load_classifier(model_dir)  # what the command line runs: the same refusal
+    with pytest.raises(ImageInputError, match=message.replace("torch.float32", "float32")):
+        numpy_model(images.numpy())
+
+
+@pytest.mark.parametrize(("kind", "hidden"), [("logreg", ()), ("mlp", (32, 16))])
+def test_numpy_model_computes_the_classifiers_logits(kind: str, hidden: tuple[int, ...], tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    architecture = architecture_for(kind, hidden, META)
+    model = Classifier(architecture)
+    save_model(tmp_path, model, Card(architecture=architecture, classes=CLASSES, dataset="x"))
+    images, _ = synthetic_split(500, seed=2)
+    with torch.no_grad():
+        expected = model(images).numpy()
+    numpy_model, _ = load_classifier(tmp_path)
+    np.testing.assert_allclose(numpy_model(images.numpy()), expected, rtol=0, atol=1e-5)
+
+
+def test_fashion_frame_trims_fits_centres_and_inverts() -> None:
+    # A dark 20x80 object on a light 60x100 picture: trimmed to 20x80, longest edge to 28 (7x28),
+    # centred in 28x28 ((28 - 7) // 2 = 10 columns left), negated. Sharpening keeps a flat block flat.
+    picture = np.full((100, 60, 3), 253, np.uint8)
+    picture[10:90, 20:40] = (40, 0, 90)  # dark on light
+    pixels, inverted, conversion = fit_picture(Image.fromarray(picture), FASHION, (28, 28))
+    expected = np.zeros((28, 28), np.uint8)
+    expected[:, 10:17] = 255 - Image.new("RGB", (1, 1), (40, 0, 90)).convert("L").getpixel((0, 0))
+    assert inverted and conversion.startswith("inverted, 60x100 trimmed to 20x80, fitted 7x28")
+    np.testing.assert_array_equal(pixels, expected)
+
+
+def test_mnist_frame_fits_20_pixels_and_centres_the_mass() -> None:
+    picture = np.full((300, 400), 255, np.uint8)  # a dark stroke in a corner of a white page
+    picture[20:120, 30:60] = 0
+    picture[20:40, 30:100] = 0
+    pixels, inverted, _ = fit_picture(Image.fromarray(picture), MNIST, (28, 28))
+    rows, columns = np.flatnonzero(pixels.any(1)), np.flatnonzero(pixels.any(0))
+    assert inverted and (rows[-1] - rows[0] + 1, columns[-1] - columns[0] + 1) == (20, 14)
+    weights = pixels.astype(np.float64) / pixels.sum()
+    centre = (weights.sum(1) @ np.arange(28) + 0.5, weights.sum(0) @ np.arange(28) + 0.5)
+    assert np.allclose(centre, 14, atol=0.5)
+
+
+def test_picture_at_the_model_size_is_taken_as_is() -> None:
+    images, _ = synthetic_split(4, seed=3)  # dark backgrounds, as the dataset's
+    for image in images.numpy():
+        pixels, inverted, _ = fit_picture(Image.fromarray(image), FASHION, (28, 28))
+        np.testing.assert_array_equal(pixels, image)
+        assert not inverted
+        pixels, inverted, conversion = fit_picture(Image.fromarray(255 - image).convert("RGB"), FASHION, (28, 28))
+        np.testing.assert_array_equal(pixels, image)
+        assert inverted and conversion == "28x28 as is, inverted"
+
+
+@pytest.mark.e2e
+def test_cli_predicts_what_the_model_predicts(model_dir: Path, tmp_path: Path) -> None:
+    images, _ = synthetic_split(6, seed=1)
+    np.save(tmp_path / "batch.npy", images[:3].numpy())
+    np.save(tmp_path / "one.npy", images[3].numpy())  # H x W: a batch of one
+    (tmp_path / "t10k-images").write_bytes(idx_bytes(images[4:6]))
+    Image.fromarray(images[0].numpy()).save(tmp_path / "zero.png")
+
+    result = predict_cli(tmp_path, "--model", str(model_dir), "--json", "--top-k", "2", ".")
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    model, card = load_model(model_dir)
+    logits = model(images).softmax(1)
+    expected = {"batch.npy[0]": 0, "batch.npy[1]": 1, "batch.npy[2]": 2, "one.npy[0]": 3}
+    expected |= {"t10k-images[0]": 4, "t10k-images[1]": 5, "zero.png": 0}
+    assert {row["file"]: row["class"] for row in rows} == {
+        name: card.classes[logits[i].argmax()] for name, i in expected.items()
+    }
+    for row in rows:
+        probabilities = logits[expected[row["file"]]]
+        assert row["probability"] == pytest.approx(probabilities.max().item(), abs=1e-6)
+        assert [entry["class"] for entry in row["top_k"]] == [card.classes[i] for i in probabilities.topk(2).indices]
+
+
+@pytest.mark.e2e
+def test_cli_bad_inputs_are_one_line_each_and_the_rest_is_predicted(model_dir: Path, tmp_path: Path) -> None:
+    good = np.full((90, 60, 3), 250, np.uint8)
+    good[10:80, 15:45] = (200, 20, 20)
+    Image.fromarray(good).save(tmp_path / "shirt.jpg")
+    jpeg = (tmp_path / "shirt.jpg").read_bytes()
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(40))
+    (tmp_path / "cut.jpg").write_bytes(jpeg[: len(jpeg) // 3])
+    (tmp_path / "notes.txt").write_text("not an image\n")
+    (tmp_path / "empty").mkdir()
+    np.save(tmp_path / "float.npy", np.random.default_rng(0).random((2, 28, 28)))
+    np.save(tmp_path / "small.npy", np.zeros((2, 20, 20), np.uint8))
+    bad = {
+        "corrupt.png": "damaged PNG file",
+        "cut.jpg": "damaged JPEG file",
+        "notes.txt": "not a PNG, JPEG, .npy (uint8, HxW or NxHxW) or IDX file",
+        "empty": "empty folder: no files to predict",
+        "float.npy": "got float64 pixels; the model takes uint8 pixels 0-255",
+        "small.npy": "got 20x20 images; the model takes 28x28 images",
+        "missing.png": "no such file or folder",
+    }
+    result = predict_cli(tmp_path, "--model", str(model_dir), "shirt.jpg", *bad)
+    assert result.returncode == 1
+    errors = result.stderr.splitlines()
+    assert len(errors) == len(bad) and "Traceback" not in result.stderr
+    for line, (name, message) in zip(errors, bad.items(), strict=True):
+        assert line.startswith(f"predict: error: {name}: {message}")
+    header, row = result.stdout.splitlines()
+    assert header.split()[:4] == ["file", "class", "prob", "top"]
+    assert row.startswith("shirt.jpg ") and "inverted, 60x90 trimmed to " in row  # JPEG ringing widens 30x70
+
+
+@pytest.mark.e2e
+def test_cli_without_a_model_says_where_to_get_one(tmp_path: Path) -> None:
+    Image.new("L", (28, 28)).save(tmp_path / "a.png")
+    result = predict_cli(tmp_path, "a.png")
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr == (
+        "predict: error: models: no model here (model.json missing); in the project run `dvc repro` or "
+        "`dvc pull`, elsewhere fetch one: dvc artifacts get <repo> classifier --rev <version>\n"
+    )
