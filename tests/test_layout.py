@@ -26,12 +26,12 @@ def test_core_names_no_params_key_and_no_dvc_command() -> None:
 
 
 def test_core_imports_no_shell_module() -> None:
-    shell = {"stages.cli", "stages.params", *(f"stages.{stage}" for stage in STAGES)}
+    shell = ("stages.cli", "stages.params", "stages.commands", *(f"stages.{stage}" for stage in STAGES))
     for path in CORE:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module:
                 names = {node.module, *(f"{node.module}.{alias.name}" for alias in node.names)}
-                assert not names & shell, f"{path.name} imports {names & shell}"
+                assert not [name for name in names if name.startswith(shell)], f"{path.name} imports {names}"
 
 
 def test_each_stage_main_fits_on_one_screen() -> None:
