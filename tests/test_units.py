@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ from stages.core.metrics import calibration, confusion_matrix, per_class_scores
 from stages.core.model import Card, Classifier, architecture_for, load_model, save_model
 from stages.core.runtime import autocast_for, resolve_device
 from stages.core.splits import Meta, pixel_statistics, split_train_val
-from stages.core.training import batches, epoch_order, make_optimizer, predict, score, train_epoch
+from stages.core.training import batches, epoch_order, make_optimizer, make_schedule, predict, score, train_epoch
 
 CLASSES = tuple(str(k) for k in range(10))
 META = Meta(dataset="digits", classes=CLASSES, image_shape=(28, 28), sizes={"train": 1}, mean=0.25, std=0.5)
@@ -110,6 +111,22 @@ def test_train_epoch_reports_the_mean_loss_over_batches_of_unequal_size() -> Non
     # With a tiny lr the weights hardly move, so the mean is close to the loss of the untrained model.
     untrained = F.cross_entropy(model(images), labels).item()
     assert scores.loss == pytest.approx(untrained, rel=1e-2)
+
+
+@pytest.mark.parametrize("total", [7, 324, 1100])
+def test_cosine_schedule_is_the_closed_form_in_float32(total: int) -> None:
+    """The oracle: lr * (1 + cos(pi t / T)) / 2 per step t. torch's recursive CosineAnnealingLR differs from it in
+    float64's last bit at most steps, never once rounded to float32, the weights' precision."""
+    optimizer = make_optimizer("adam", [torch.nn.Parameter(torch.zeros(1))], lr=0.03, momentum=0.0, weight_decay=0.0)
+    schedule = make_schedule("cosine", optimizer, total)
+    rates = []
+    for _ in range(total):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    closed_form = [0.03 * (1 + math.cos(math.pi * step / total)) / 2 for step in range(total)]
+    assert torch.equal(torch.tensor(rates, dtype=torch.float32), torch.tensor(closed_form, dtype=torch.float32))
+    assert make_schedule("constant", optimizer, total) is None
 
 
 def test_predict_in_batches_equals_one_pass_and_score_by_hand() -> None:
