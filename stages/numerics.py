@@ -30,19 +30,17 @@ CPUINFO = Path("/proc/cpuinfo")
 OVERRIDDEN: dict[str, str] = {}
 
 
-def pin() -> dict[str, str]:
-    """Set the pinned variables, before torch loads; return the user's values that were overridden.
+def pin() -> None:
+    """Set the pinned variables, before torch loads; the user's values it replaces go into OVERRIDDEN.
 
     Does nothing where it cannot apply: on a CPU that is not x86-64, or lacks AVX2 and FMA (forcing ATen's
     AVX2 kernels there would crash), or once torch is loaded (its libraries may have read their settings).
     `settings()` then tells what is in effect, and the model card records it.
     """
     if "torch" in sys.modules or not is_x86_64() or not has_avx2():
-        return {}
-    overridden = {name: os.environ[name] for name, value in PINNED.items() if os.environ.get(name, value) != value}
+        return
+    OVERRIDDEN.update({name: os.environ[name] for name in PINNED if os.environ.get(name, PINNED[name]) != PINNED[name]})
     os.environ.update(PINNED)
-    OVERRIDDEN.update(overridden)
-    return overridden
 
 
 def settings() -> dict[str, str | None]:
