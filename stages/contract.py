@@ -57,12 +57,19 @@ class Architecture(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
-    model: Literal["logreg", "mlp"]
+    model: Literal["logreg", "mlp", "cnn"]
     hidden: tuple[PositiveInt, ...]
+    channels: tuple[PositiveInt, ...] = ()  # the cnn's convolution widths; absent from other models' cards
     image_shape: tuple[PositiveInt, PositiveInt]
     num_classes: int = Field(ge=2)
     mean: float
     std: float = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _channels_for_the_cnn_only(self) -> Architecture:
+        if (self.model == "cnn") != bool(self.channels):
+            raise ValueError("channels: the cnn needs at least one width, and only the cnn has them")
+        return self
 
 
 class Card(BaseModel):

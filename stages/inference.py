@@ -45,9 +45,29 @@ class NumpyClassifier:
         return hidden
 
 
-def load_classifier(folder: Path) -> tuple[NumpyClassifier, dict[str, Any]]:
+class TorchClassifier:
+    """A cnn, run by torch behind the same numpy interface: convolutions are not worth a numpy copy here,
+    so only a cnn's predictions pay `import torch` (about 3 s of a cold start on the 2-core machine)."""
+
+    def __init__(self, folder: Path) -> None:
+        from stages.model import load_model
+
+        self.model, _ = load_model(folder)
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        """uint8 (B, H, W) -> float32 logits (B, classes), as NumpyClassifier."""
+        import torch
+
+        check_images(images, self.model.image_shape)
+        with torch.no_grad():
+            return self.model(torch.from_numpy(np.ascontiguousarray(images))).numpy()
+
+
+def load_classifier(folder: Path) -> tuple[NumpyClassifier | TorchClassifier, dict[str, Any]]:
     """The model in `folder`, its card and weights checked as `stages.model.load_model` checks them."""
-    card = load_card(folder / CARD).model_dump(mode="json")
+    card = load_card(folder / CARD).model_dump(mode="json", exclude_defaults=True)
+    if card["architecture"]["model"] == "cnn":
+        return TorchClassifier(folder), card
     path = folder / WEIGHTS
     try:
         weights = load_file(str(path))

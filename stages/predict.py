@@ -24,7 +24,7 @@ from stages.cli import StageError, run
 from stages.contract import CARD, ImageInputError, check_images
 from stages.datasets import Frame, load_registry
 from stages.images import UnreadableInput, list_inputs, read_input
-from stages.inference import NumpyClassifier, load_classifier, softmax
+from stages.inference import NumpyClassifier, TorchClassifier, load_classifier, softmax
 
 DEFAULT_MODEL = Path("models")  # dvc.yaml's `models` var, where the train stage writes (a test keeps them equal)
 BATCH = 8192  # images per forward pass: memory only, never the result
@@ -66,7 +66,7 @@ def main() -> None:
 
 
 def predict_files(
-    model: NumpyClassifier, card: dict, paths: list[Path], top_k: int, report: Callable[[str], None]
+    model: NumpyClassifier | TorchClassifier, card: dict, paths: list[Path], top_k: int, report: Callable[[str], None]
 ) -> tuple[list[Row], int]:
     """Rows for every image the paths give; `report(line)` for each that gives none. Returns the failures too."""
     image_shape = tuple(card["architecture"]["image_shape"])
