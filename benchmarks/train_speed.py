@@ -22,6 +22,7 @@ import argparse
 import multiprocessing
 import resource
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -100,14 +101,12 @@ class _Quiet:
         pass
 
 
-def project(pinned: bool = True) -> dict:
-    """(b) stages.train.fit with params.yaml's train section, timed for 1..epochs epochs.
+def project(pinned: bool = True, ladder: bool = True) -> dict:
+    """(b) stages.train.fit with params.yaml's train section, timed for 1..epochs epochs (or all only).
 
     Unpinned, torch loads before the `stages` package, so its numerics pin does not apply and the CPU's
     own kernels run, as before the pin (stages/numerics.py): the pair prices the pin.
     """
-    import dataclasses
-
     if not pinned:
         import torch  # noqa: F401  (first, see above)
 
@@ -128,8 +127,8 @@ def project(pinned: bool = True) -> dict:
     test_images, test_labels = load_split(PROCESSED, "test", device)
     architecture = architecture_for(params.model, params.hidden, meta)
     reached, accuracy, epoch_s = None, 0.0, 0.0
-    for epochs in range(1, params.epochs + 1):
-        run_params = dataclasses.replace(params, epochs=epochs)
+    for epochs in range(1 if ladder else params.epochs, params.epochs + 1):
+        run_params = params.model_copy(update={"epochs": epochs})
         start = time.perf_counter()
         model = fit(run_params, architecture, train_set, val_set, device, None, _Quiet())
         elapsed = time.perf_counter() - start
@@ -218,9 +217,15 @@ def measure(name: str, **kwargs) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tutorial-epochs", type=int, default=2)
+    parser.add_argument(
+        "--pin-only", type=int, metavar="N", help="only (b) and (b'), alternately N times each: the pin's price"
+    )
     args = parser.parse_args()
     if not (PROCESSED / "train.safetensors").exists() or not (RAW / "dataset.json").exists():
         sys.exit("run `dvc repro preprocess` first: this reads data/raw and data/processed")
+    if args.pin_only:
+        price_the_pin(args.pin_only)
+        return
     results = {
         "(a) tutorial": measure("tutorial", epochs=args.tutorial_epochs),
         "(b) project": measure("project"),
@@ -238,6 +243,19 @@ def main() -> None:
         print(f"time to {TARGET} (c)/(b): {c['to_target_s'] / b['to_target_s']:.1f}x  (target >= 10x)")
     else:
         print(f"time to {TARGET} (c)/(b): not comparable, a variant did not reach {TARGET}")
+
+
+def price_the_pin(repeats: int) -> None:
+    """(b) and (b') alternately, so that a load that comes and goes weighs on both alike; medians."""
+    pinned, unpinned = [], []
+    for _ in range(repeats):
+        pinned.append(measure("project", ladder=False)["epoch_s"])
+        unpinned.append(measure("project", pinned=False, ladder=False)["epoch_s"])
+        print(f"pinned {pinned[-1]:.3f} s/epoch, unpinned {unpinned[-1]:.3f} s/epoch", flush=True)
+    b, b_ = statistics.median(pinned), statistics.median(unpinned)
+    print(f"s/epoch pinned   {' '.join(f'{t:.3f}' for t in pinned)}  median {b:.3f}")
+    print(f"s/epoch unpinned {' '.join(f'{t:.3f}' for t in unpinned)}  median {b_:.3f}")
+    print(f"the price of pinned numerics: {b - b_:+.3f} s/epoch, (b)/(b') {b / b_:.2f}x")
 
 
 if __name__ == "__main__":
