@@ -130,7 +130,7 @@ def project(pinned: bool = True, ladder: bool = True) -> dict:
     for epochs in range(1 if ladder else params.epochs, params.epochs + 1):
         run_params = params.model_copy(update={"epochs": epochs})
         start = time.perf_counter()
-        model = fit(run_params, architecture, train_set, val_set, device, None, _Quiet())
+        model, _ = fit(run_params, architecture, train_set, val_set, device, None, _Quiet())
         elapsed = time.perf_counter() - start
         accuracy = score(predict(model, test_images, 8192), test_labels).accuracy
         if reached is None and accuracy >= TARGET:
