@@ -9,7 +9,7 @@ Run by hand after `dvc repro preprocess` (it reads data/raw and data/processed),
     Normalize((0.1307,), (0.3081,)), Adadelta lr 1.0, StepLR gamma 0.7 per epoch, seed 1, no shuffle on the
     CPU (its `shuffle=True` is in the accelerator-only kwargs); test accuracy after each epoch.
 (b) this project's cnn recipe (params.yaml's train section with the README's cnn one-liner applied), through
-    `stages.train.fit`; test accuracy after each epoch, outside the timing.
+    `stages.core.training.fit`; test accuracy after each epoch, outside the timing.
 (c) the same Net as (a) trained the project's way (uint8 tensors in memory, index_select batches, the
     normalisation in the model, fused Adam), one epoch, against its compute floor: 72 MFLOP per image for
     forward and backward, 55,000 images, at this machine's fp32 matmul rate measured here.
@@ -108,43 +108,32 @@ def example(epochs: int, threads: int) -> dict:
 
 
 def project(threads: int) -> dict:
-    """(b) The cnn recipe through stages.train.fit; test accuracy per epoch, measured outside the clock."""
+    """(b) The cnn recipe through stages.core.training.fit; test accuracy per epoch, measured outside the clock."""
     import torch
 
-    import stages.train as train
-    from stages.model import architecture_for
+    from stages.core.model import architecture_for, init_model
+    from stages.core.runtime import make_deterministic, set_cpu_threads
+    from stages.core.splits import load_split, read_meta
+    from stages.core.training import fit, predict, score
     from stages.params import parse_section, read_params_file
-    from stages.runtime import make_deterministic, set_cpu_threads
-    from stages.splits import load_meta, load_split
-    from stages.training import predict, score
+    from stages.train import TrainParams
 
     section = read_params_file(Path("params.yaml"))["train"] | CNN_RECIPE | {"threads": threads}
-    params = parse_section("train", section, train.TrainParams)
+    params = parse_section("train", section, TrainParams)
     make_deterministic(params.tf32)
     set_cpu_threads(params.threads)
     cpu = torch.device("cpu")
-    meta = load_meta(PROCESSED)
+    meta = read_meta(PROCESSED)
     train_set, val_set = load_split(PROCESSED, "train", cpu), load_split(PROCESSED, "val", cpu)
     test_images, test_labels = load_split(PROCESSED, "test", cpu)
-    architecture = architecture_for(params.model, params.hidden, meta, params.channels)
-
-    curve, times, paused = [], [], [0.0]
+    model = init_model(architecture_for(params.model, params.hidden, meta, params.channels), params.seed, cpu)
+    curve, times, elapsed = [], [], 0.0
     start = time.perf_counter()
-    update = train.BestEpoch.update
-
-    def timed_update(self, epoch, loss, model):  # called once per epoch, after validation
-        times.append(time.perf_counter() - start - paused[0])
-        pause = time.perf_counter()
-        curve.append(round(score(predict(model, test_images, 8192), test_labels).accuracy, 4))
-        model.train()
-        paused[0] += time.perf_counter() - pause
-        return update(self, epoch, loss, model)
-
-    train.BestEpoch.update = timed_update
-    try:
-        train.fit(params, architecture, train_set, val_set, cpu, None, _Quiet())
-    finally:
-        train.BestEpoch.update = update
+    for _ in fit(model, train_set, val_set, params):
+        elapsed += time.perf_counter() - start
+        times.append(elapsed)
+        curve.append(round(score(predict(model, test_images), test_labels).accuracy, 4))  # off the clock
+        start = time.perf_counter()
     reached = next((t for t, accuracy in zip(times, curve, strict=True) if accuracy >= TARGET), None)
     return {"epoch_s": times[-1] / len(times), "to_target_s": reached, "curve": curve}
 
@@ -154,9 +143,9 @@ def floor(threads: int) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from stages.runtime import make_deterministic, set_cpu_threads
-    from stages.splits import load_meta, load_split
-    from stages.training import epoch_order, make_optimizer
+    from stages.core.runtime import make_deterministic, set_cpu_threads
+    from stages.core.splits import load_split, read_meta
+    from stages.core.training import epoch_order, make_optimizer
 
     make_deterministic()
     set_cpu_threads(threads)
@@ -171,11 +160,11 @@ def floor(threads: int) -> dict:
     rate = 2 * size**3 / min(runs)  # FLOP/s
 
     cpu = torch.device("cpu")
-    meta = load_meta(PROCESSED)
+    meta = read_meta(PROCESSED)
     images, labels = load_split(PROCESSED, "train", cpu)
     torch.manual_seed(0)
     net = example_net()
-    scale, shift = 1 / (255 * meta["std"]), -meta["mean"] / meta["std"]
+    scale, shift = 1 / (255 * meta.std), -meta.mean / meta.std
     optimizer = make_optimizer("adam", net.parameters(), lr=1e-3, momentum=0.0, weight_decay=0.0)
     order = epoch_order(len(images), torch.Generator().manual_seed(0), cpu)
     net.train()
@@ -188,16 +177,6 @@ def floor(threads: int) -> dict:
         optimizer.step()
     epoch_s = time.perf_counter() - start
     return {"epoch_s": epoch_s, "floor_s": NET_FLOP * len(images) / rate, "gflops": rate / 1e9}
-
-
-class _Quiet:
-    summary: dict = {}  # noqa: RUF012
-
-    def log_metric(self, name, value):
-        pass
-
-    def next_step(self):
-        pass
 
 
 VARIANTS = {"example": example, "project": project, "floor": floor}

@@ -1,10 +1,10 @@
-"""How fast `stages.predict` answers: one picture from a fresh process, and the test set after start-up.
+"""How fast `stages.commands.predict` answers: one picture from a fresh process, and the test set after start-up.
 
 Run by hand, never in CI, from the project root after `dvc repro` (it reads models/ and the test split):
 
     python -m benchmarks.predict_speed
 
-- cold: `python -m stages.predict picture.png` in a fresh process (interpreter, imports, model, one
+- cold: `python -m stages.commands.predict picture.png` in a fresh process (interpreter, imports, model, one
   112x112 RGB picture inverted on white, fitted and predicted), wall time, best and median of 5;
 - throughput: the 10,000 test images, each a 28x28 PNG in one folder, through `predict_files` in this
   process after the imports and the model load (start-up excluded), and the same folder, and one IDX
@@ -58,15 +58,16 @@ def import_cost(statement: str) -> float:
 def main() -> None:
     import torch
 
-    from stages.inference import load_classifier
-    from stages.model import load_model
-    from stages.predict import predict_files
+    from stages.commands.predict import predict_files
+    from stages.core.files import CARD
+    from stages.core.inference import load_classifier
+    from stages.core.model import load_model
 
-    if not (MODELS / "model.json").exists() or not TEST.exists():
+    if not (MODELS / CARD).exists() or not TEST.exists():
         sys.exit("benchmarks.predict_speed: run `dvc repro` first (needs models/ and data/processed/)")
     images = load_file(str(TEST))["images"]  # (10000, 28, 28) uint8
     n = len(images)
-    predict = [sys.executable, "-m", "stages.predict", "--model", str(MODELS), "--json"]
+    predict = [sys.executable, "-m", "stages.commands.predict", "--model", str(MODELS), "--json"]
     with tempfile.TemporaryDirectory() as root:
         picture = Path(root) / "picture.png"
         inverted = Image.fromarray(255 - images[0].numpy()).resize((112, 112), Image.Resampling.NEAREST)
@@ -116,7 +117,7 @@ def main() -> None:
     )
     print(f"10,000 test PNGs, command line: {whole:.2f} s, {(n - 1) / (whole - median):,.0f} images/s after start-up")
     print(
-        f"10,000 test images in one IDX file: command line {idx_whole:.2f} s (its reader, stages/idx.py, imports "
+        f"10,000 test images in one IDX file: command line {idx_whole:.2f} s (its reader, stages/core/idx.py, imports "
         f"torch), after start-up {idx_in_process:.2f} s, {n / idx_in_process:,.0f} images/s"
     )
     print(

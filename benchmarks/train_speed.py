@@ -88,21 +88,8 @@ def tutorial(epochs: int) -> dict:
     }
 
 
-class _Quiet:
-    """Stands in for DVCLive: fit() logs through it, the benchmark does not need the curves."""
-
-    def __init__(self) -> None:
-        self.summary: dict = {}
-
-    def log_metric(self, name, value):
-        pass
-
-    def next_step(self):
-        pass
-
-
 def project(pinned: bool = True, ladder: bool = True) -> dict:
-    """(b) stages.train.fit with params.yaml's train section, timed for 1..epochs epochs (or all only).
+    """(b) stages.core.training.fit with params.yaml's train section, timed for 1..epochs epochs (or all only).
 
     Unpinned, torch loads before the `stages` package, so its numerics pin does not apply and the CPU's
     own kernels run, as before the pin (stages/numerics.py): the pair prices the pin.
@@ -111,28 +98,30 @@ def project(pinned: bool = True, ladder: bool = True) -> dict:
         import torch  # noqa: F401  (first, see above)
 
     from stages import numerics
-    from stages.model import architecture_for
+    from stages.core.model import architecture_for, init_model
+    from stages.core.runtime import make_deterministic, resolve_device, set_cpu_threads
+    from stages.core.splits import load_split, read_meta
+    from stages.core.training import fit, predict, score
     from stages.params import load_section
-    from stages.runtime import make_deterministic, resolve_device, set_cpu_threads
-    from stages.splits import load_meta, load_split
-    from stages.train import TrainParams, fit
-    from stages.training import predict, score
+    from stages.train import TrainParams
 
     params = load_section(Path("params.yaml"), "train", TrainParams)
-    device = resolve_device(params.device, "train.device")
+    device = resolve_device(params.device)
     make_deterministic(params.tf32)
     set_cpu_threads(params.threads)
-    meta = load_meta(PROCESSED)
+    meta = read_meta(PROCESSED)
     train_set, val_set = load_split(PROCESSED, "train", device), load_split(PROCESSED, "val", device)
     test_images, test_labels = load_split(PROCESSED, "test", device)
     architecture = architecture_for(params.model, params.hidden, meta)
     reached, accuracy, epoch_s = None, 0.0, 0.0
     for epochs in range(1 if ladder else params.epochs, params.epochs + 1):
-        run_params = params.model_copy(update={"epochs": epochs})
+        config = params.model_copy(update={"epochs": epochs})
         start = time.perf_counter()
-        model, _ = fit(run_params, architecture, train_set, val_set, device, None, _Quiet())
+        model = init_model(architecture, config.seed, device)
+        for _ in fit(model, train_set, val_set, config):  # the scores of each epoch are not needed here
+            pass
         elapsed = time.perf_counter() - start
-        accuracy = score(predict(model, test_images, 8192), test_labels).accuracy
+        accuracy = score(predict(model, test_images), test_labels).accuracy
         if reached is None and accuracy >= TARGET:
             reached = elapsed
         epoch_s = elapsed / epochs
@@ -154,14 +143,14 @@ def sklearn() -> dict:
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
-    from stages.splits import load_meta, load_split
+    from stages.core.splits import load_split, read_meta
 
-    meta = load_meta(PROCESSED)
+    meta = read_meta(PROCESSED)
     cpu = torch.device("cpu")
 
     def standardised(split):
         images, labels = load_split(PROCESSED, split, cpu)
-        x = (images.flatten(1).double() / 255 - meta["mean"]) / meta["std"]
+        x = (images.flatten(1).double() / 255 - meta.mean) / meta.std
         return x.numpy(), labels.numpy()
 
     x_train, y_train = standardised("train")

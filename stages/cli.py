@@ -1,25 +1,63 @@
-"""What every stage's command line shares: argument parsing, params loading and the error contract.
+"""What every stage's command line shares: argument parsing, the error contract and the log.
 
 A user error (bad params, missing or damaged files, unreachable mirrors, an unwritable folder) ends the
 stage with one line on stderr that names the problem and the fix, and a non-zero exit; tracebacks are for
-bugs only. Under `dvc repro` / `dvc exp run`, a refusal also puts back the cached outputs that DVC deleted
-before running the stage (see restore_outputs), so a typo in params.yaml loses nothing.
+bugs only. The core raises its own exceptions (stages.core.errors), which say what is wrong; this module
+and the stage shells add what to type: the params key, the DVC command. Under `dvc repro` / `dvc exp run`,
+a refusal also puts back the cached outputs that DVC deleted before running the stage (see
+restore_outputs), so a typo in params.yaml loses nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
 import platform
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from stages import numerics
+from stages.core.errors import CoreError, FileProblem, SettingError
+
+# What to type when an input is missing, damaged or outdated, by the file (FileProblem.artifact) and what
+# is wrong with it (FileProblem.kind). An `inconsistent` file's message is complete: it has no entry.
+FIXES = {
+    ("raw", "missing"): "rerun the download stage (dvc repro download)",
+    ("raw", "damaged"): "re-download it: dvc repro --force download",
+    ("manifest", "missing"): "run the download stage first (dvc repro download)",
+    ("manifest", "damaged"): "rerun the download stage (dvc repro --force download)",
+    ("processed", "missing"): "run the preprocess stage first (dvc repro preprocess)",
+    ("processed", "damaged"): "rerun the preprocess stage: dvc repro --force preprocess",
+    ("card", "missing"): "run the train stage first (dvc repro train)",
+    ("card", "damaged"): "rerun the train stage: dvc repro --force train",
+    ("card", "outdated"): "rerun the train stage: dvc repro train",
+    ("weights", "missing"): "rerun the train stage: dvc repro --force train",
+    ("weights", "damaged"): "rerun the train stage: dvc repro --force train",
+    ("output", "unwritable"): "choose a writable --out",
+}
 
 
 class StageError(Exception):
     """A problem the user can fix: its message is the one line they see."""
+
+
+def explain(problem: FileProblem) -> str:
+    """The line a user sees for a file problem: the core's `path: problem`, then what to type."""
+    fix = FIXES.get((problem.artifact, problem.kind))
+    return f"{problem}; {fix}" if fix else str(problem)
+
+
+@contextlib.contextmanager
+def explained(key: str | None = None, fix: str | None = None) -> Iterator[None]:
+    """Turn a core SettingError raised inside into a StageError naming the params `key` and the `fix`."""
+    try:
+        yield
+    except SettingError as error:
+        message = f"{key}: {error}" if key else str(error)
+        raise StageError(f"{message}; {fix}" if fix else message) from None
 
 
 def command_name() -> str:
@@ -43,9 +81,14 @@ def run(main: Callable[[], None]) -> None:
             f"{name}={value} from the environment ignored: every stage runs with {name}={numerics.PINNED[name]}, "
             "so that any x86-64 CPU computes the same bytes (README, Reproducibility)"
         )
+    log_to_stderr()
     try:
         main()
     except StageError as error:
+        fail(str(error))
+    except FileProblem as problem:
+        fail(explain(problem))
+    except CoreError as error:  # a SettingError outside `explained`: the line still says what is wrong
         fail(str(error))
     except OSError as error:
         # The environment, not the code: a full disk, a folder made read-only mid-run, a vanished mount.
@@ -62,6 +105,24 @@ def prog() -> str:
 
 def warn(message: str) -> None:
     print(f"{prog()}: warning: {message}", file=sys.stderr)
+
+
+class _StageLog(logging.Handler):
+    """The core's log lines as the stage's own: `download: warning: ...`, `download: ...`."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno >= logging.WARNING:
+            warn(record.getMessage())
+        else:
+            print(f"{prog()}: {record.getMessage()}", file=sys.stderr)
+
+
+def log_to_stderr() -> None:
+    core = logging.getLogger("stages.core")
+    if not any(isinstance(handler, _StageLog) for handler in core.handlers):
+        core.addHandler(_StageLog())
+    core.setLevel(logging.INFO)
+    core.propagate = False
 
 
 def numerics_in_effect() -> dict[str, str | None]:

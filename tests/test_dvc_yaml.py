@@ -13,36 +13,60 @@ DVC_YAML = yaml.safe_load((PROJECT / "dvc.yaml").read_text())
 STAGES = DVC_YAML["stages"]
 
 
-def imported_stage_modules(module: str, seen: set[str] | None = None) -> set[str]:
-    """`stages/<module>.py` and every stages module it imports, transitively (lazy imports included).
+def module_file(module: str) -> str | None:
+    """`stages.core.idx` -> `stages/core/idx.py`, `stages.core` -> `stages/core/__init__.py`; None if not a module."""
+    path = "/".join(module.split("."))
+    if (PROJECT / path / "__init__.py").is_file():
+        return f"{path}/__init__.py"
+    return f"{path}.py" if (PROJECT / f"{path}.py").is_file() else None
 
-    The package's `__init__` runs before any of its modules, so it counts as imported by every stage.
+
+def imported_stage_modules(module: str, seen: set[str] | None = None) -> set[str]:
+    """The file of `module` (e.g. `stages.train`) and of every stages module it imports, transitively (lazy
+    imports included).
+
+    A package's `__init__` runs before any of its modules, so `stages/__init__.py` counts as imported by
+    every stage, and `stages/core/__init__.py` by every stage that imports a core module.
     """
     seen = set() if seen is None else seen
-    path = f"stages/{module}.py"
-    if path in seen:
+    path = module_file(module)
+    if path is None or path in seen:
         return seen
     seen.add(path)
-    if module != "__init__":
-        imported_stage_modules("__init__", seen)
-    tree = ast.parse((PROJECT / path).read_text())
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module == "stages":
-            for alias in node.names:
-                imported_stage_modules(alias.name, seen)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("stages."):
-            imported_stage_modules(node.module.split(".", 1)[1], seen)
+    parts = module.split(".")
+    for depth in range(1, len(parts)):
+        imported_stage_modules(".".join(parts[:depth]), seen)
+    for node in ast.walk(ast.parse((PROJECT / path).read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "stages":
+            imported_stage_modules(node.module, seen)
+            for alias in node.names:  # `from stages.core import files` imports the module stages/core/files.py
+                imported_stage_modules(f"{node.module}.{alias.name}", seen)
         elif isinstance(node, ast.Import):
             for alias in node.names:
-                if alias.name.startswith("stages."):
-                    imported_stage_modules(alias.name.split(".", 1)[1], seen)
+                if alias.name.split(".")[0] == "stages":
+                    imported_stage_modules(alias.name, seen)
     return seen
 
 
 def test_each_stage_depends_on_exactly_the_code_it_imports() -> None:
     for name, stage in STAGES.items():
         code_deps = {dep for dep in stage["deps"] if dep.startswith("stages/") and dep.endswith(".py")}
-        assert code_deps == imported_stage_modules(name), f"stage {name}: deps differ from its imports"
+        assert code_deps == imported_stage_modules(f"stages.{name}"), f"stage {name}: deps differ from its imports"
+
+
+def test_the_walker_follows_subpackages() -> None:
+    imported = imported_stage_modules("stages.train")
+    assert {"stages/__init__.py", "stages/core/__init__.py", "stages/core/model.py"} <= imported
+    assert "stages/core/idx.py" not in imported  # only what train imports
+
+
+def test_the_report_files_are_the_ones_the_code_writes() -> None:
+    """evaluate's outputs in dvc.yaml are stages.core.files.REPORT (a file name is defined once in code)."""
+    from stages.core import files
+
+    declared = {Path(next(iter(entry)) if isinstance(entry, dict) else entry) for entry in outs_of(STAGES["evaluate"])}
+    assert {path.parts[1] for path in declared} == set(files.REPORT)
+    assert all(path.parts[0] == "${report}" for path in declared)
 
 
 def test_data_files_read_by_code_are_deps() -> None:

@@ -13,8 +13,9 @@ import torch
 from helpers import dvc, idx_bytes, register_dataset, run, set_params, write_dataset
 from torchvision.datasets.mnist import read_sn3_pascalvincent_tensor
 
-from stages.cli import StageError
-from stages.idx import read_idx, read_split
+from stages.cli import explain
+from stages.core.errors import FileProblem
+from stages.core.idx import read_idx, read_split
 
 REFETCH = "re-download it: dvc repro --force download"
 IMAGES = torch.arange(6 * 4 * 3, dtype=torch.uint8).view(6, 4, 3)  # (N, H, W)
@@ -80,22 +81,25 @@ def test_header_defects_name_the_file_and_the_defect(
     tmp_path: Path, content: bytes, dimensions: int, message: str
 ) -> None:
     path = write(tmp_path, "t10k-images-idx3-ubyte", content)
-    with pytest.raises(StageError) as error:
+    with pytest.raises(FileProblem) as error:
         read_idx(path, dimensions)
-    assert str(error.value) == f"{path}: {message}"
+    assert explain(error.value) == f"{path}: {message}"  # the line the stage prints
 
 
 def test_missing_file(tmp_path: Path) -> None:
-    with pytest.raises(StageError, match=r"train-labels-idx1-ubyte: missing; rerun the download stage"):
+    with pytest.raises(FileProblem) as error:
         read_idx(tmp_path / "train-labels-idx1-ubyte", 1)
+    assert explain(error.value).endswith(
+        "train-labels-idx1-ubyte: missing; rerun the download stage (dvc repro download)"
+    )
 
 
 def test_counts_must_agree_between_images_and_labels(tmp_path: Path) -> None:
     images = write(tmp_path, "train-images-idx3-ubyte", idx_bytes(IMAGES))
     labels = write(tmp_path, "train-labels-idx1-ubyte", idx_bytes(LABELS[:5]))
-    with pytest.raises(StageError) as error:
+    with pytest.raises(FileProblem) as error:
         read_split(images, labels, num_classes=10)
-    assert str(error.value) == (
+    assert explain(error.value) == (
         f"{labels}: 5 labels for 6 images in train-images-idx3-ubyte; "
         "the files belong to different datasets or one is damaged"
     )
@@ -105,9 +109,9 @@ def test_labels_must_be_within_the_classes(tmp_path: Path) -> None:
     images = write(tmp_path, "train-images-idx3-ubyte", idx_bytes(IMAGES))
     labels = write(tmp_path, "train-labels-idx1-ubyte", idx_bytes(LABELS))
     assert len(read_split(images, labels, num_classes=10)[1]) == 6  # 9 is the largest label: 10 classes fit
-    with pytest.raises(StageError) as error:
+    with pytest.raises(FileProblem) as error:
         read_split(images, labels, num_classes=9)
-    assert str(error.value) == (
+    assert explain(error.value) == (
         f"{labels}: label 9 is outside the 9 classes (0..8); the labels do not belong to this dataset's class list"
     )
 

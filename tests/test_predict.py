@@ -1,6 +1,6 @@
 """Predicting from files: the model's refusals, the dataset's framing, and the command line's one-line errors.
 
-No DVC here (the command-line tests start `python -m stages.predict`, so they are marked e2e): the model
+No DVC here (the command-line tests start `python -m stages.commands.predict`, so they are marked e2e): the model
 is a freshly initialised logreg saved the way the train stage saves one, and the oracle for every
 prediction is that model's own forward pass on the same pixels.
 """
@@ -18,13 +18,15 @@ import torch
 from helpers import PROJECT, idx_bytes, project_env, synthetic_split
 from PIL import Image
 
-from stages.contract import ImageInputError
-from stages.datasets import load_registry
-from stages.images import fit_picture
-from stages.inference import load_classifier
-from stages.model import Classifier, architecture_for, build_model, load_model, save_model
+from stages.core.contract import Card, ImageInputError
+from stages.core.datasets import load_registry
+from stages.core.images import fit_picture
+from stages.core.inference import load_classifier
+from stages.core.model import Classifier, architecture_for, build_model, load_model, save_model
+from stages.core.splits import Meta
 
-META = {"image_shape": [28, 28], "classes": [f"class {k}" for k in range(10)], "mean": 0.3, "std": 0.35}
+CLASSES = tuple(f"class {k}" for k in range(10))
+META = Meta(dataset="fashion-mnist", classes=CLASSES, image_shape=(28, 28), sizes={"train": 1}, mean=0.3, std=0.35)
 FASHION = load_registry()["fashion-mnist"].frame
 MNIST = load_registry()["mnist"].frame
 
@@ -34,15 +36,21 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("model")
     torch.manual_seed(0)
     architecture = architecture_for("logreg", (), META)
-    card = {"architecture": architecture, "classes": META["classes"], "dataset": "fashion-mnist"}
-    save_model(folder, Classifier(architecture), card)
+    save_model(
+        folder, Classifier(architecture), Card(architecture=architecture, classes=CLASSES, dataset="fashion-mnist")
+    )
     return folder
 
 
 def predict_cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     env = project_env() | {"PYTHONPATH": str(PROJECT)}  # this checkout's stages, from any directory
     return subprocess.run(
-        [sys.executable, "-m", "stages.predict", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "stages.commands.predict", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
@@ -66,11 +74,11 @@ def test_model_refuses_what_it_cannot_score(model_dir: Path, images: torch.Tenso
 
 @pytest.mark.parametrize(("kind", "hidden"), [("logreg", ()), ("mlp", (32, 16)), ("cnn", (16,))])
 def test_numpy_model_computes_the_classifiers_logits(kind: str, hidden: tuple[int, ...], tmp_path: Path) -> None:
-    """What predict runs gives the trained model's logits; a cnn goes through torch (stages/inference.py)."""
+    """What predict runs gives the trained model's logits; a cnn goes through torch (stages/core/inference.py)."""
     torch.manual_seed(1)
     architecture = architecture_for(kind, hidden, META, channels=(4, 8))
     model = build_model(architecture).eval()
-    save_model(tmp_path, model, {"architecture": architecture, "classes": META["classes"], "dataset": "x"})
+    save_model(tmp_path, model, Card(architecture=architecture, classes=CLASSES, dataset="x"))
     images, _ = synthetic_split(500, seed=2)
     with torch.no_grad():
         expected = model(images).numpy()
@@ -129,12 +137,12 @@ def test_cli_predicts_what_the_model_predicts(model_dir: Path, tmp_path: Path) -
     expected = {"batch.npy[0]": 0, "batch.npy[1]": 1, "batch.npy[2]": 2, "one.npy[0]": 3}
     expected |= {"t10k-images[0]": 4, "t10k-images[1]": 5, "zero.png": 0}
     assert {row["file"]: row["class"] for row in rows} == {
-        name: card["classes"][logits[i].argmax()] for name, i in expected.items()
+        name: card.classes[logits[i].argmax()] for name, i in expected.items()
     }
     for row in rows:
         probabilities = logits[expected[row["file"]]]
         assert row["probability"] == pytest.approx(probabilities.max().item(), abs=1e-6)
-        assert [entry["class"] for entry in row["top_k"]] == [card["classes"][i] for i in probabilities.topk(2).indices]
+        assert [entry["class"] for entry in row["top_k"]] == [card.classes[i] for i in probabilities.topk(2).indices]
 
 
 @pytest.mark.e2e

@@ -42,7 +42,7 @@ def test_artifact_is_the_train_stage_output() -> None:
 
 
 def test_predict_default_model_is_where_train_writes() -> None:
-    from stages.predict import DEFAULT_MODEL
+    from stages.commands.predict import DEFAULT_MODEL
 
     (variables,) = DVC_YAML["vars"]
     assert DEFAULT_MODEL == Path(variables["models"])

@@ -102,7 +102,7 @@ def test_teammate_pulls_instead_of_recomputing(
     remote: LocalRemote | S3Remote, alice: Path, origin: Path, tmp_path: Path
 ) -> None:
     bob = teammate(remote, origin, tmp_path / "bob")
-    report = run(bob, sys.executable, "-m", "stages.remote").stdout
+    report = run(bob, sys.executable, "-m", "stages.commands.remote").stdout
     assert f"remote '{remote.name}'" in report and "reachable" in report
 
     dvc(bob, "pull")
@@ -227,7 +227,7 @@ def test_wrong_secret_key_is_refused_and_named(remote: S3Remote, alice: Path, or
     assert pulled.returncode != 0
     assert not any((newcomer / folder).exists() for folder in ("data", "models"))  # nothing half-pulled
 
-    checked = run(bob, sys.executable, "-m", "stages.remote", check=False)
+    checked = run(bob, sys.executable, "-m", "stages.commands.remote", check=False)
     assert checked.returncode == 1
     assert f"remote '{remote.name}' ({remote.url}) refused this clone's credentials" in checked.stderr
     assert f"dvc remote modify --local {remote.name}" in checked.stderr
@@ -247,7 +247,7 @@ def test_read_only_keys_are_refused_by_the_check_and_leave_nothing(
     dvc(bob, "repro")
     assert dvc(bob, "push", check=False).returncode != 0  # the keys truly cannot push
 
-    checked = run(bob, sys.executable, "-m", "stages.remote", check=False)
+    checked = run(bob, sys.executable, "-m", "stages.commands.remote", check=False)
     assert checked.returncode == 1
     assert f"remote '{remote.name}' ({remote.url}) can be read but refuses writes" in checked.stderr
     assert "Traceback" not in checked.stderr and len(checked.stderr.strip().splitlines()) == 1
@@ -258,7 +258,7 @@ def test_read_only_keys_are_refused_by_the_check_and_leave_nothing(
 def test_check_with_write_access_leaves_nothing(remote: S3Remote, alice: Path, origin: Path, tmp_path: Path) -> None:
     bob = teammate(remote, origin, tmp_path / "bob")
     before = remote.everything()
-    assert "reachable" in run(bob, sys.executable, "-m", "stages.remote").stdout
+    assert "reachable" in run(bob, sys.executable, "-m", "stages.commands.remote").stdout
     assert remote.everything() == before
 
 

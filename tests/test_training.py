@@ -11,15 +11,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import synthetic_split
+from pydantic import ValidationError
 
 from stages.cli import StageError
-from stages.contract import load_card
-from stages.model import ConvNet, architecture_for, build_model, load_model, save_model
+from stages.core.contract import Architecture
+from stages.core.model import Card, ConvNet, architecture_for, build_model, init_model, load_model, save_model
+from stages.core.resume import STATE, input_key
+from stages.core.splits import Meta
+from stages.core.training import BestEpoch
 from stages.params import parse_section
-from stages.resume import STATE, input_key
-from stages.train import BestEpoch, TrainParams, fit
+from stages.train import TrainParams, train_epochs
 
-META = {"image_shape": [28, 28], "classes": [str(k) for k in range(10)], "mean": 0.25, "std": 0.5}
+CLASSES = tuple(str(k) for k in range(10))
+META = Meta(dataset="digits", classes=CLASSES, image_shape=(28, 28), sizes={"train": 1}, mean=0.25, std=0.5)
 PARAMS = {
     "model": "cnn",
     "hidden": [16],
@@ -90,22 +94,23 @@ def test_cnn_round_trips_through_its_files(tmp_path: Path) -> None:
     model = build_model(architecture)
     images, labels = data(100, 0)
     F.cross_entropy(model(images), labels).backward()  # batch norm's running statistics move off their start
-    save_model(tmp_path, model, {"architecture": architecture, "classes": META["classes"]})
+    save_model(tmp_path, model, Card(architecture=architecture, classes=CLASSES, dataset="digits"))
     loaded, card = load_model(tmp_path)
-    assert card["architecture"] == architecture
+    assert card.architecture == architecture
+    assert '"channels"' in (tmp_path / "model.json").read_text()
     torch.testing.assert_close(loaded(images), model.eval()(images))
 
 
 def test_channels_belong_to_the_cnn_alone(tmp_path: Path) -> None:
-    assert "channels" not in architecture_for("logreg", (), META, (4, 8))
-    assert "channels" not in architecture_for("mlp", (8,), META, (4, 8))
-    card = tmp_path / "model.json"
-    card.write_text(
-        '{"architecture": {"model": "cnn", "hidden": [], "image_shape": [28, 28], "num_classes": 2, '
-        '"mean": 0.1, "std": 0.3}, "classes": ["a", "b"]}'
-    )
-    with pytest.raises(StageError, match=r"damaged \(architecture: .*the cnn needs at least one width"):
-        load_card(card)
+    assert architecture_for("logreg", (), META, (4, 8)).channels is None
+    assert architecture_for("mlp", (8,), META, (4, 8)).channels is None
+    # A linear model's card has no "channels" key: its bytes are what they were before the cnn.
+    mlp = architecture_for("mlp", (8,), META)
+    save_model(tmp_path, build_model(mlp), Card(architecture=mlp, classes=CLASSES, dataset="digits"))
+    assert '"channels"' not in (tmp_path / "model.json").read_text()
+    fields = {"model": "cnn", "hidden": (), "image_shape": (28, 28), "num_classes": 2, "mean": 0.1, "std": 0.3}
+    with pytest.raises(ValidationError, match="the cnn needs them"):
+        Architecture(**fields)
     with pytest.raises(StageError, match=r"^train.channels: the cnn needs at least one width$"):
         train_params(channels=[])
 
@@ -123,22 +128,24 @@ def test_best_epoch_keeps_the_lowest_validation_loss_and_counts_patience() -> No
     assert not any(never.update(epoch, 1.0 + epoch, model) for epoch in range(1, 20))
 
 
-def test_fit_returns_the_best_epoch_and_stops_early() -> None:
-    train_set, val_set = data(300, 0), data(100, 1)
+def run_epochs(params: TrainParams, log: Log, state: Path | None = None):
+    """The train stage's loop (stages.train.train_epochs) on a fresh model; returns the model and how it stopped."""
+    architecture = architecture_for(params.model, params.hidden, META, params.channels)
+    model = init_model(architecture, params.seed, torch.device("cpu"))
+    stopped = train_epochs(model, data(300, 0), data(100, 1), params, None, log, state)
+    return model, stopped
+
+
+def test_training_keeps_the_best_epoch_and_stops_early() -> None:
     # A learning rate far too high: validation loss climbs after the first epochs.
     params = train_params(model="mlp", hidden=[32], lr=3.0, lr_schedule="constant", epochs=8, early_stopping=2)
-    model, stopped = fit(
-        params, architecture_for("mlp", (32,), META), train_set, val_set, torch.device("cpu"), None, Log()
-    )
-    assert stopped["epoch"] == stopped["best_epoch"] + 2 < 8
-    assert stopped["reason"] == "validation loss not lower for 2 epochs (train.early_stopping)"
+    model, stopped = run_epochs(params, Log())
+    assert stopped.epoch == stopped.best_epoch + 2 < 8
+    assert stopped.reason == "validation loss not lower for 2 epochs (train.early_stopping)"
 
-    full, stopped_full = fit(
-        params.model_copy(update={"early_stopping": 0}), architecture_for("mlp", (32,), META), train_set, val_set,
-        torch.device("cpu"), None, Log(),
-    )  # fmt: skip
-    assert stopped_full["epoch"] == 8 and stopped_full["best_epoch"] == stopped["best_epoch"]
-    assert stopped_full["reason"] == "all 8 epochs done (train.epochs)"
+    full, stopped_full = run_epochs(params.model_copy(update={"early_stopping": 0}), Log())
+    assert stopped_full.epoch == 8 and stopped_full.best_epoch == stopped.best_epoch
+    assert stopped_full.reason == "all 8 epochs done (train.epochs)"
     # Both keep the best epoch's weights, which the early stop reached first: the same model.
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, full.state_dict()[name]), name
@@ -146,19 +153,16 @@ def test_fit_returns_the_best_epoch_and_stops_early() -> None:
 
 def test_a_killed_fit_resumes_to_the_same_bytes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     params = train_params(epochs=4)
-    architecture = architecture_for("cnn", (16,), META, (4, 8))
-    train_set, val_set = data(300, 0), data(100, 1)
-    cpu = torch.device("cpu")
     whole_log = Log()
-    whole, _ = fit(params, architecture, train_set, val_set, cpu, None, whole_log, tmp_path / "whole")
+    whole, _ = run_epochs(params, whole_log, tmp_path / "whole")
 
     state = tmp_path / "killed"
     with pytest.raises(KeyboardInterrupt):
-        fit(params, architecture, train_set, val_set, cpu, None, Log(fail_at=3), state)
+        run_epochs(params, Log(fail_at=3), state)
     assert (state / STATE).is_file()  # epochs 1 and 2 were saved
     capsys.readouterr()
     resumed_log = Log()
-    resumed, _ = fit(params, architecture, train_set, val_set, cpu, None, resumed_log, state)
+    resumed, _ = run_epochs(params, resumed_log, state)
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == f"train: resuming after epoch 2 of 4 (state in {state})"
     assert [line.split(":")[1] for line in lines[1:]] == [" epoch 3/4", " epoch 4/4"]  # only those trained

@@ -2,7 +2,7 @@
 
 A teammate runs the tiny pipeline, pushes to the project's default remote (a folder under a `~` of the
 test's own), and registers the model with GTO (`classifier@v1.0.0`); then, from a directory that is not
-a DVC project, `dvc artifacts get` fetches that version from the git URL and `stages.predict` classifies
+a DVC project, `dvc artifacts get` fetches that version from the git URL and `stages.commands.predict` classifies
 PNGs made from test images: each gets the class the evaluate stage gave that image.
 """
 
@@ -91,9 +91,9 @@ def evaluated_classes(alice: Path) -> list[str]:
 
 
 def predict(cwd: Path, code: Path, *args: str) -> subprocess.CompletedProcess:
-    """`python -m stages.predict` with `code`'s stages on the path, as if that version were installed."""
+    """`python -m stages.commands.predict` with `code`'s stages on the path, as if that version were installed."""
     env = project_env() | {"PYTHONPATH": str(code)}
-    command = [sys.executable, "-m", "stages.predict", *args]
+    command = [sys.executable, "-m", "stages.commands.predict", *args]
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 

@@ -13,11 +13,15 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from stages.cli import StageError
+from pydantic import BaseModel, ValidationError
+
+from stages.core.errors import Artifact, FileProblem, damaged, first_error, missing
+
+Schema = TypeVar("Schema", bound=BaseModel)
 
 # A temporary is named `.tmp-<final name>.<pid>.<8 random chars>`: the output it will become and the
 # process writing it. A later run for the same output removes one only when that process is gone, so a
@@ -30,11 +34,12 @@ def _temp_prefix(name: str) -> str:
 
 
 def ensure_folder(folder: Path) -> None:
-    """Create `folder` (and its parents), or raise StageError naming it: the usual cause is a bad --out."""
+    """Create `folder` (and its parents), or raise FileProblem naming it: the usual cause is a bad output path."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise StageError(f"{folder}: cannot create this folder ({error.strerror}); choose a writable --out") from None
+        problem = f"cannot create this folder ({error.strerror})"
+        raise FileProblem(folder, problem, artifact="output", kind="unwritable") from None
 
 
 @contextlib.contextmanager
@@ -129,6 +134,62 @@ def write_tensors(path: Path, tensors: dict[str, Any]) -> None:
         temp.write_bytes(save(tensors))
 
 
+def write_text(path: Path, text: str) -> None:
+    with atomic_file(path) as temp:
+        temp.write_text(text, encoding="utf-8")
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Rows of equal keys as CSV, with "\\n" line ends whatever the platform."""
+    import pandas as pd  # imported here: only the evaluate stage writes tables
+
+    with atomic_file(path) as temp:
+        pd.DataFrame(rows).to_csv(temp, index=False, lineterminator="\n")
+
+
+def write_png(path: Path, image: Any) -> None:
+    """A PIL image as PNG."""
+    with atomic_file(path) as temp:
+        image.save(temp, format="PNG")
+
+
+def copy_folder(source: Path, destination: Path) -> None:
+    """Replace `destination` with a copy of `source`, atomically."""
+    with atomic_directory(destination) as folder:
+        shutil.copytree(source, folder, dirs_exist_ok=True)
+
+
 def read_json(path: Path) -> Any:
     with open(path, encoding="utf-8") as stream:
         return json.load(stream)
+
+
+def read_checked(
+    path: Path, schema: type[Schema], artifact: Artifact, problem: Callable[[ValidationError], str] | None = None
+) -> Schema:
+    """A JSON file read into `schema`; a FileProblem naming the file when it is missing or not valid
+    (`problem` says what is wrong; by default the first bad key)."""
+    try:
+        return schema.model_validate_json(path.read_bytes())
+    except FileNotFoundError:
+        raise missing(path, artifact) from None
+    except ValidationError as error:
+        raise damaged(path, problem(error) if problem else f"damaged ({first_error(error)})", artifact) from None
+
+
+def read_tensors(path: Path, artifact: Artifact, *, numpy: bool = False) -> dict[str, Any]:
+    """The tensors (numpy arrays if `numpy`) of a safetensors file, which runs no pickled code; a FileProblem
+    naming the file otherwise. Imported when called: torch's loader loads torch."""
+    from safetensors import SafetensorError
+
+    if numpy:
+        from safetensors.numpy import load_file
+    else:
+        from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise missing(path, artifact) from None
+    except (SafetensorError, OSError) as error:
+        raise damaged(path, f"not a safetensors file ({error})", artifact) from None

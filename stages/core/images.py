@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps
 
-from stages.datasets import Frame
+from stages.core.datasets import Frame
 
 # How a file announces what it is; content decides, not the extension.
 SIGNATURES = {
@@ -100,14 +100,13 @@ def read_npy(data: bytes) -> np.ndarray:
 
 def read_idx_images(path: Path, dimensions: int) -> np.ndarray:
     """An IDX file of N x H x W (or one H x W) images, read by the pipeline's own checked reader."""
-    from stages.cli import StageError
-    from stages.idx import REFETCH, read_idx  # imports torch: only IDX inputs pay for it
+    from stages.core.errors import FileProblem
+    from stages.core.idx import read_idx  # imports torch: only IDX inputs pay for it
 
     try:
         images = read_idx(path, 2 if dimensions == 2 else 3)
-    except StageError as error:
-        # read_idx's advice is for the pipeline's own files; here the path is the user's.
-        raise UnreadableInput(str(error).removeprefix(f"{path}: ").removesuffix(f"; {REFETCH}")) from None
+    except FileProblem as error:
+        raise UnreadableInput(error.problem) from None  # the problem alone: the path is the user's
     return images.numpy()[None] if images.dim() == 2 else images.numpy()
 
 

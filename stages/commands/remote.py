@@ -2,7 +2,7 @@
 
 `dvc push` and `dvc pull` report a refused key as, for example, "unexpected error - Forbidden: An error
 occurred (403) when calling the HeadObject operation", without saying which remote or what to change.
-`python -m stages.remote [NAME]` reads the remote exactly as DVC does (.dvc/config, config.local, the
+`python -m stages.commands.remote [NAME]` reads the remote exactly as DVC does (.dvc/config, config.local, the
 environment), lists it, and writes and deletes one empty probe object as a push would, turning the same
 failures into one line that names the remote and the fix.
 """

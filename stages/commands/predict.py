@@ -1,6 +1,6 @@
 """Predict the class of images with a trained model: PNG or JPEG pictures, .npy arrays, IDX files, folders.
 
-    python -m stages.predict PATH... [--model DIR] [--top-k K] [--json]     (installed: mnist-predict)
+    python -m stages.commands.predict PATH... [--model DIR] [--top-k K] [--json]     (installed: mnist-predict)
 
 Pictures are fitted into the frame the model's dataset made its images with (stages/datasets.yaml), a
 dark object on a light background is inverted, and each row says what was done. Arrays are taken as
@@ -21,13 +21,13 @@ import numpy as np
 
 from stages import cli
 from stages.cli import StageError, run
-from stages.contract import CARD, ImageInputError, check_images
-from stages.datasets import Frame, load_registry
-from stages.images import UnreadableInput, list_inputs, read_input
-from stages.inference import NumpyClassifier, TorchClassifier, load_classifier, softmax
+from stages.core.contract import PREDICT_BATCH, Card, ImageInputError, check_images
+from stages.core.datasets import Frame, load_registry
+from stages.core.files import CARD
+from stages.core.images import UnreadableInput, list_inputs, read_input
+from stages.core.inference import NumpyClassifier, TorchClassifier, load_classifier, softmax
 
 DEFAULT_MODEL = Path("models")  # dvc.yaml's `models` var, where the train stage writes (a test keeps them equal)
-BATCH = 8192  # images per forward pass: memory only, never the result
 
 
 @dataclass(frozen=True)
@@ -50,8 +50,8 @@ def main() -> None:
             f"{args.model}: no model here ({CARD} missing); in the project run `dvc repro` or `dvc pull`, "
             "elsewhere fetch one: dvc artifacts get <repo> classifier --rev <version>"
         )
-    model, card = load_classifier(args.model)  # numpy, not torch: start-up (stages/inference.py)
-    classes = card["classes"]
+    model, card = load_classifier(args.model)  # numpy, not torch: start-up (stages/core/inference.py)
+    classes = card.classes
     if not 1 <= args.top_k <= len(classes):
         parser.error(f"--top-k: must be between 1 and {len(classes)} (the model's classes)")
 
@@ -66,11 +66,11 @@ def main() -> None:
 
 
 def predict_files(
-    model: NumpyClassifier | TorchClassifier, card: dict, paths: list[Path], top_k: int, report: Callable[[str], None]
+    model: NumpyClassifier | TorchClassifier, card: Card, paths: list[Path], top_k: int, report: Callable[[str], None]
 ) -> tuple[list[Row], int]:
     """Rows for every image the paths give; `report(line)` for each that gives none. Returns the failures too."""
-    image_shape = tuple(card["architecture"]["image_shape"])
-    frame = frame_for(card["dataset"])
+    image_shape = card.architecture.image_shape
+    frame = frame_for(card.dataset)
     names, batches, notes, failures = [], [], [], 0
     for path, problem in list_inputs(paths):
         try:
@@ -90,10 +90,12 @@ def predict_files(
     if not batches:
         return [], failures
     images = np.concatenate(batches)  # (N, H, W) uint8
-    probabilities = softmax(np.concatenate([model(images[i : i + BATCH]) for i in range(0, len(images), BATCH)]))
+    probabilities = softmax(
+        np.concatenate([model(images[i : i + PREDICT_BATCH]) for i in range(0, len(images), PREDICT_BATCH)])
+    )
     top = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]  # (N, k), most likely first
     top_probabilities = np.take_along_axis(probabilities, top, axis=1)
-    classes = card["classes"]
+    classes = card.classes
     rows = [
         Row(name, [(classes[c], p) for c, p in zip(indices, values, strict=True)], inverted, conversion)
         for name, indices, values, (inverted, conversion) in zip(

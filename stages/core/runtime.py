@@ -12,10 +12,10 @@ import sys
 
 import torch
 
-from stages.cli import StageError
+from stages.core.errors import SettingError
 
 
-def resolve_device(name: str, key: str) -> torch.device:
+def resolve_device(name: str) -> torch.device:
     """Turn a params device name into a torch.device; an explicit device that is absent is an error."""
     if name == "auto":
         if torch.cuda.is_available():
@@ -27,9 +27,9 @@ def resolve_device(name: str, key: str) -> torch.device:
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if (device.index or 0) >= count:
-            raise StageError(f"{key}: {name} is not available ({count} CUDA devices here); use auto or cpu")
+            raise SettingError(f"{name} is not available ({count} CUDA devices here); use auto or cpu")
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise StageError(f"{key}: mps is not available on this machine; use auto or cpu")
+        raise SettingError("mps is not available on this machine; use auto or cpu")
     return device
 
 
@@ -69,12 +69,12 @@ def set_cpu_threads(count: int) -> None:
     torch.set_num_threads(count)
 
 
-def autocast_for(device: torch.device, precision: str, key: str) -> contextlib.AbstractContextManager:
+def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """Autocast to bf16/fp16 on CUDA; fp32 runs as is. Reduced precision elsewhere is refused."""
     if precision == "fp32":
         return contextlib.nullcontext()
     if device.type != "cuda":
-        raise StageError(f"{key}: {precision} needs a CUDA device (this run uses {device}); use fp32")
+        raise SettingError(f"{precision} needs a CUDA device (this run uses {device}); use fp32")
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type="cuda", dtype=dtype)
 

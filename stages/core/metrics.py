@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TypedDict
+
 import torch
+
+
+class CalibrationRow(TypedDict):
+    bin_upper: float  # the bin holds confidences in (bin_upper - 1/bins, bin_upper]
+    confidence: float  # mean confidence in the bin
+    accuracy: float
+    count: int
 
 
 def confusion_matrix(actual: torch.Tensor, predicted: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -24,7 +33,7 @@ def per_class_scores(confusion: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"precision": precision, "recall": recall, "f1": f1, "support": actual.long()}
 
 
-def calibration(probabilities: torch.Tensor, actual: torch.Tensor, bins: int) -> tuple[list[dict], float]:
+def calibration(probabilities: torch.Tensor, actual: torch.Tensor, bins: int) -> tuple[list[CalibrationRow], float]:
     """Reliability diagram data over `bins` equal-width confidence bins, and the expected calibration error.
 
     Confidence is the top-class probability; ECE = sum over bins of (bin size / N) * |accuracy - confidence|.
@@ -36,7 +45,8 @@ def calibration(probabilities: torch.Tensor, actual: torch.Tensor, bins: int) ->
     count = torch.bincount(index, minlength=bins)
     confidence_sum = torch.bincount(index, weights=confidence, minlength=bins)
     correct_sum = torch.bincount(index, weights=correct, minlength=bins)
-    rows, error = [], 0.0
+    rows: list[CalibrationRow] = []
+    error = 0.0
     for b in range(bins):
         n = int(count[b])
         if n == 0:
@@ -44,11 +54,11 @@ def calibration(probabilities: torch.Tensor, actual: torch.Tensor, bins: int) ->
         mean_confidence, accuracy = confidence_sum[b].item() / n, correct_sum[b].item() / n
         error += n / len(actual) * abs(accuracy - mean_confidence)
         rows.append(
-            {
-                "bin_upper": round((b + 1) / bins, 6),
-                "confidence": round(mean_confidence, 6),
-                "accuracy": round(accuracy, 6),
-                "count": n,
-            }
+            CalibrationRow(
+                bin_upper=round((b + 1) / bins, 6),
+                confidence=round(mean_confidence, 6),
+                accuracy=round(accuracy, 6),
+                count=n,
+            )
         )
     return rows, error

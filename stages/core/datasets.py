@@ -1,8 +1,9 @@
-"""The registry of MNIST-family datasets: their files, mirrors, sizes, checksums, class names and framing.
+"""The registry of MNIST-family datasets (files, mirrors, sizes, checksums, class names, framing) and the manifest
+that says which of them a download holds.
 
-The registry itself is data, `datasets.yaml` beside this module, so that a test can register a small
-dataset of its own in a copy of the project (with real checksums of the files it made) instead of a flag
-that turns verification off.
+The registry itself is data, `stages/datasets.yaml`, so that a test can register a small dataset of its
+own in a copy of the project (with real checksums of the files it made) instead of a flag that turns
+verification off.
 """
 
 from __future__ import annotations
@@ -12,10 +13,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-from stages.cli import StageError
+from stages.core.artifacts import read_checked, write_json
+from stages.core.errors import SettingError
+from stages.core.files import MANIFEST
 
-REGISTRY_FILE = Path(__file__).with_name("datasets.yaml")
+REGISTRY_FILE = Path(__file__).resolve().parent.parent / "datasets.yaml"
 
 # The four IDX files of every MNIST-family dataset, by role.
 ROLES = ("train_images", "train_labels", "test_images", "test_labels")
@@ -66,7 +70,7 @@ def load_registry(path: Path = REGISTRY_FILE) -> dict[str, DatasetSpec]:
 def lookup(name: str, path: Path = REGISTRY_FILE) -> DatasetSpec:
     registry = load_registry(path)
     if name not in registry:
-        raise StageError(f"data.dataset: unknown dataset {name!r}; allowed: {', '.join(registry)}")
+        raise SettingError(f"unknown dataset {name!r}; allowed: {', '.join(registry)}")
     return registry[name]
 
 
@@ -78,3 +82,46 @@ def _dataset(name: str, entry: dict[str, Any]) -> DatasetSpec:
             raise ValueError(f"{REGISTRY_FILE.name}: {name}/{spec.name} has no checksum")
     frame = Frame(**entry["frame"]) if entry.get("frame") else None
     return DatasetSpec(name, tuple(entry["classes"]), tuple(entry["mirrors"]), files, frame)
+
+
+class Manifest(BaseModel):
+    """`dataset.json`, written last by a complete download: what the folder holds."""
+
+    model_config = ConfigDict(extra="allow", frozen=True, strict=True)
+
+    dataset: str
+    classes: tuple[str, ...]
+    files: dict[str, str]  # role (see ROLES) -> file name in the same folder
+
+    @field_validator("files")
+    @classmethod
+    def _every_role(cls, files: dict[str, str]) -> dict[str, str]:
+        if not all(role in files for role in ROLES):
+            raise ValueError("a file for each role")
+        return files
+
+    @classmethod
+    def of(cls, dataset: DatasetSpec) -> Manifest:
+        files = {role: spec.payload_name for role, spec in dataset.files.items()}
+        return cls(dataset=dataset.name, classes=dataset.classes, files=files)
+
+
+def write_manifest(folder: Path, manifest: Manifest) -> None:
+    write_json(folder / MANIFEST, manifest.model_dump(mode="json"))
+
+
+def read_manifest(folder: Path) -> Manifest:
+    """The manifest of a downloaded folder, checked; a FileProblem naming it otherwise."""
+    return read_checked(folder / MANIFEST, Manifest, "manifest", _manifest_problem)
+
+
+def _manifest_problem(error: ValidationError) -> str:
+    # Not JSON, not an object, or without the keys every manifest has: not what a download writes.
+    unreadable = any(
+        item["type"] in ("json_invalid", "model_type")
+        or (item["type"] == "missing" and item["loc"] in (("classes",), ("files",)))
+        for item in error.errors()
+    )
+    if unreadable:
+        return "damaged (not the JSON the download stage writes)"
+    return f"incomplete (needs dataset, classes and files {', '.join(ROLES)})"

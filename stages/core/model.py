@@ -1,0 +1,154 @@
+"""The classifier, and saving/loading it as safetensors weights plus a JSON model card.
+
+A model takes uint8 images (B, H, W) and returns logits (B, classes): normalisation is its first step,
+so the saved model is usable for inference with nothing but its two files. Anything else (float pixels,
+another image size, a single H x W image) is refused with stages.core.contract's ImageInputError, which
+says how to convert. The card's types and the checks that need no torch are in stages/core/contract.py.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from stages.core.artifacts import read_tensors, write_tensors
+from stages.core.contract import Architecture, Card, check_images, check_weights, layer_widths, read_card, write_card
+from stages.core.errors import FileProblem
+from stages.core.files import CARD, META, WEIGHTS
+from stages.core.splits import Meta
+
+
+class Classifier(nn.Module):
+    """Normalise, flatten, then a linear layer (`logreg`) or a ReLU MLP (`mlp`); `build_model` picks the class."""
+
+    def __init__(self, architecture: Architecture) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for index, (width_in, width_out) in enumerate(itertools.pairwise(layer_widths(architecture))):
+            if index:
+                layers.append(nn.ReLU())
+            layers.append(nn.Linear(width_in, width_out))
+        self.layers = nn.Sequential(*layers)
+        self.image_shape = architecture.image_shape
+        # x_normalised = (pixel / 255 - mean) / std = pixel * scale + shift; not saved with the weights
+        # (the card holds mean and std), so they are non-persistent buffers that follow .to(device).
+        mean, std = architecture.mean, architecture.std
+        self.register_buffer("scale", torch.tensor(1 / (255 * std)), persistent=False)
+        self.register_buffer("shift", torch.tensor(-mean / std), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        check_images(images, self.image_shape)
+        pixels = images.flatten(1).float()  # (B, H, W) uint8 -> (B, H*W) float32 in 0..255
+        # The first layer applied to normalised pixels, W (pixels * scale + shift) + b, computed as
+        # (W pixels) * scale + (b + shift * W 1): the same function of the same parameters (so the same
+        # training), without an elementwise pass over every pixel of the batch, the costliest step here.
+        first = self.layers[0]
+        bias = first.bias + self.shift * first.weight.sum(1)
+        hidden = torch.nn.functional.linear(pixels, first.weight) * self.scale + bias  # (B, width)
+        return self.layers[1:](hidden)  # (B, classes)
+
+
+class ConvNet(nn.Module):
+    """`cnn`: normalise, then per width of `channels` a 3x3 convolution, batch norm, ReLU and 2x2 max-pool,
+    then the ReLU MLP of `hidden` widths over the flattened maps.
+
+    No dropout: its masks come from the device's generator, so a GPU run would train another model than a
+    CPU run. Batch norm regularises instead, and lets a higher learning rate converge in few epochs.
+    """
+
+    def __init__(self, architecture: Architecture) -> None:
+        super().__init__()
+        height, width = architecture.image_shape
+        layers: list[nn.Module] = []
+        channels_in = 1
+        for channels in architecture.channels or ():
+            # bias=False: the batch norm's shift right after it makes a bias redundant.
+            layers += [nn.Conv2d(channels_in, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels)]
+            layers += [nn.ReLU(), nn.MaxPool2d(2)]
+            channels_in, height, width = channels, height // 2, width // 2
+        self.features = nn.Sequential(*layers)
+        widths = [channels_in * height * width, *architecture.hidden, architecture.num_classes]
+        head: list[nn.Module] = [nn.Flatten()]
+        for index, (width_in, width_out) in enumerate(itertools.pairwise(widths)):
+            if index:
+                head.append(nn.ReLU())
+            head.append(nn.Linear(width_in, width_out))
+        self.head = nn.Sequential(*head)
+        self.image_shape = architecture.image_shape
+        mean, std = architecture.mean, architecture.std
+        self.register_buffer("scale", torch.tensor(1 / (255 * std)), persistent=False)
+        self.register_buffer("shift", torch.tensor(-mean / std), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        check_images(images, self.image_shape)
+        # (B, H, W) uint8 -> (B, 1, H, W) normalised float32: one elementwise pass, small next to the convolutions.
+        pixels = images.unsqueeze(1).float() * self.scale + self.shift
+        return self.head(self.features(pixels))  # (B, classes)
+
+
+def architecture_for(
+    model: Literal["logreg", "mlp", "cnn"], hidden: tuple[int, ...], meta: Meta, channels: tuple[int, ...] = ()
+) -> Architecture:
+    """The network of `model` for the processed data described by `meta`; a logreg has no hidden layers, and
+    only the cnn has channels."""
+    return Architecture(
+        model=model,
+        hidden=hidden if model in ("mlp", "cnn") else (),
+        image_shape=meta.image_shape,
+        num_classes=len(meta.classes),
+        mean=meta.mean,
+        std=meta.std,
+        channels=channels if model == "cnn" else None,
+    )
+
+
+def build_model(architecture: Architecture) -> Classifier | ConvNet:
+    """The network `architecture` describes, with fresh weights from torch's global generator."""
+    return ConvNet(architecture) if architecture.model == "cnn" else Classifier(architecture)
+
+
+def init_model(architecture: Architecture, seed: int, device: torch.device) -> Classifier | ConvNet:
+    """A new model with seeded initial weights, drawn on the CPU so that they are the same on every device."""
+    torch.manual_seed(seed)
+    return build_model(architecture).to(device)
+
+
+def save_model(folder: Path, model: nn.Module, card: Card) -> None:
+    """Write the weights (from CPU tensors, so a GPU-trained model loads anywhere) and the card."""
+    weights = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
+    write_tensors(folder / WEIGHTS, weights)
+    write_card(folder, card)
+
+
+def load_model(folder: Path, device: torch.device | str = "cpu") -> tuple[Classifier | ConvNet, Card]:
+    """Rebuild a saved model from its card and weights; safetensors runs no pickled code.
+
+    Both files are checked against what `save_model` writes (the card's keys and types, one class name
+    per output, every weight's name, dtype and shape), so a damaged or mismatched model is a FileProblem
+    naming the file, never a model that evaluates "successfully".
+    """
+    card = read_card(folder)
+    model = build_model(card.architecture)
+    weights = read_tensors(folder / WEIGHTS, "weights")
+    check_weights(
+        folder / WEIGHTS,
+        folder,
+        expected={name: (tensor.dtype, tuple(tensor.shape)) for name, tensor in model.state_dict().items()},
+        found={name: (tensor.dtype, tuple(tensor.shape)) for name, tensor in weights.items()},
+    )
+    model.load_state_dict(weights)
+    return model.to(device).eval(), card
+
+
+def check_trained_for(card: Card, meta: Meta, model_folder: Path, data_folder: Path) -> None:
+    """Refuse a model trained for other classes or image sizes than the processed data has."""
+    if card.classes != meta.classes or card.architecture.image_shape != meta.image_shape:
+        problem = (
+            f"trained for other data ({len(card.classes)} classes, images {card.architecture.image_shape}) "
+            f"than {data_folder / META} ({len(meta.classes)} classes, images {meta.image_shape})"
+        )
+        raise FileProblem(model_folder / CARD, problem, artifact="card", kind="outdated")
