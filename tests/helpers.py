@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -118,6 +122,60 @@ def stages_restored(result: subprocess.CompletedProcess) -> list[str]:
         for line in result.stdout.splitlines()
         if line.startswith("Stage '") and "is cached - skipping run, checking out outputs" in line
     ]
+
+
+def experiments(project: Path) -> list[dict]:
+    """The experiments `dvc exp show --json` lists under the baseline commit, newest first."""
+    rows = json.loads(dvc(project, "exp", "show", "--json").stdout)
+    baseline = next(row for row in rows if row["rev"] != "workspace")
+    return [rev for exp in baseline.get("experiments") or [] for rev in exp["revs"]]
+
+
+def start_queue(project: Path, workers: int, log: Path) -> str:
+    """`dvc queue start -j workers`; returns what it printed.
+
+    Its output goes to a file, not a pipe: the workers it starts inherit the pipe and hold it open until they exit,
+    so a captured run (`dvc(...)`) would return only once the whole queue had run."""
+    with log.open("w") as out:
+        subprocess.run(
+            ["dvc", "queue", "start", "-j", str(workers)],
+            cwd=project,
+            env=project_env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            timeout=120,
+            check=True,
+        )
+    return log.read_text()
+
+
+def queue_statuses(project: Path, timeout: float) -> Iterator[str]:
+    """Poll `dvc queue status`, yielding each status, until no task is queued or running (the last one yielded)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = dvc(project, "queue", "status").stdout
+        yield status
+        if not re.search(r"\b(Queued|Running)\b", status):
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the queue did not finish in {timeout}s:\n{status}")
+        time.sleep(2)
+
+
+def wait_for_queue(project: Path, timeout: float) -> str:
+    """Wait until no task is queued or running; return the last status."""
+    *_, last = queue_statuses(project, timeout)
+    return last
+
+
+def stop_workers(project: Path) -> None:
+    """Leave no queue worker behind: a worker idles for 10 s before it exits; stop it if it lingers."""
+    deadline = time.monotonic() + 60
+    while "Worker status: 0 active, 0 idle" not in dvc(project, "queue", "status").stdout:
+        if time.monotonic() > deadline:
+            dvc(project, "queue", "stop", "--kill", check=False)
+            return
+        time.sleep(2)
 
 
 def copy_project(destination: Path) -> Path:

@@ -7,12 +7,14 @@ import hashlib
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 from helpers import dvc, make_tiny_project, run
 from s3server import ACCESS_KEY, REGION, SECRET_KEY, WeedServer
 
 CODE_TAG = "code"  # the origin's first commit: the pipeline without any results
 SHARED = ("data", "models", "metrics")  # everything a pipeline run produces
+S3 = pytest.param("s3", marks=[pytest.mark.server, pytest.mark.s3])  # conftest.py's `remote` fixture, on S3
 
 
 class LocalRemote:

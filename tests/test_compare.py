@@ -12,13 +12,22 @@ import json
 import re
 import shutil
 import subprocess
-import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import yaml
-from helpers import PROJECT, dvc, make_tiny_project, run, set_params, stages_run
+from helpers import (
+    PROJECT,
+    dvc,
+    experiments,
+    make_tiny_project,
+    run,
+    set_params,
+    stages_run,
+    stop_workers,
+    wait_for_queue,
+)
 
 ALL_STAGES = ["download", "preprocess", "train", "evaluate"]
 # One epoch each: at the smaller rate the logreg is still far from the answer, at the larger it gets there.
@@ -216,13 +225,6 @@ def test_metrics_diff_with_a_metrics_file_that_is_not_json(clone: Path) -> None:
     assert error["type"] == "JSONFileCorruptedError" and "JSON file structure is corrupted" in error["msg"]
 
 
-def experiments(clone: Path) -> list[dict]:
-    """The experiments `dvc exp show --json` lists under the baseline commit, newest first."""
-    rows = json.loads(dvc(clone, "exp", "show", "--json").stdout)
-    baseline = next(row for row in rows if row["rev"] != "workspace")
-    return [rev for exp in baseline.get("experiments") or [] for rev in exp["revs"]]
-
-
 @pytest.mark.e2e
 def test_exp_run_from_a_clean_checkout(clone: Path) -> None:
     assert run(clone, "git", "status", "--porcelain").stdout == ""
@@ -264,25 +266,3 @@ def test_queued_grid_finishes_all_four(clone: Path, history: Path) -> None:
         assert 0 <= test["accuracy"] <= 1, key
         results.add((test["loss"], training["train"]["loss"], training["val"]["loss"]))
     assert len(results) == len(GRID)  # each experiment reports its own run, not a copy of the baseline's
-
-
-def wait_for_queue(clone: Path, timeout: float) -> str:
-    """Poll `dvc queue status` until no task is queued or running; return the last status."""
-    deadline = time.monotonic() + timeout
-    while True:
-        status = dvc(clone, "queue", "status").stdout
-        if not re.search(r"\b(Queued|Running)\b", status):
-            return status
-        if time.monotonic() > deadline:
-            raise AssertionError(f"the queue did not finish in {timeout}s:\n{status}")
-        time.sleep(3)
-
-
-def stop_workers(clone: Path) -> None:
-    """Leave no queue worker behind: a worker idles for 10 s before it exits; stop it if it lingers."""
-    deadline = time.monotonic() + 60
-    while "Worker status: 0 active, 0 idle" not in dvc(clone, "queue", "status").stdout:
-        if time.monotonic() > deadline:
-            dvc(clone, "queue", "stop", "--kill", check=False)
-            return
-        time.sleep(2)

