@@ -1,7 +1,7 @@
 """Training state saved after each epoch, so that a killed train stage continues instead of starting over.
 
 DVC deletes a stage's outputs before it runs the command, so the state lives outside them (dvc.yaml passes
-the folder, under `.dvc/tmp/`, which is per workspace: `dvc exp run --queue` workers each have their own).
+the folder, under `.dvc/tmp/`, which is per workspace: queued experiments each run in their own).
 Each state sits in a subfolder named by a hash of the stage's exact inputs (the train params, the
 processed data's bytes, the code of the `stages` modules loaded), so a run never continues another's.
 The stage removes its state once the model is written.
