@@ -88,7 +88,7 @@ def tutorial(epochs: int) -> dict:
     }
 
 
-def project(pinned: bool = True, ladder: bool = True) -> dict:
+def project(pinned: bool = True, ladder: bool = True, threads: int | None = None) -> dict:
     """(b) stages.core.training.fit with params.yaml's train section, timed for 1..epochs epochs (or all only).
 
     Unpinned, torch loads before the `stages` package, so its numerics pin does not apply and the CPU's
@@ -106,6 +106,8 @@ def project(pinned: bool = True, ladder: bool = True) -> dict:
     from stages.train import TrainParams
 
     params = load_section(Path("params.yaml"), "train", TrainParams)
+    if threads is not None:
+        params = params.model_copy(update={"threads": threads})
     device = resolve_device(params.device)
     make_deterministic(params.tf32)
     set_cpu_threads(params.threads)
@@ -116,17 +118,18 @@ def project(pinned: bool = True, ladder: bool = True) -> dict:
     reached, accuracy, epoch_s = None, 0.0, 0.0
     for epochs in range(1 if ladder else params.epochs, params.epochs + 1):
         config = params.model_copy(update={"epochs": epochs})
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         model = init_model(architecture, config.seed, device)
         for _ in fit(model, train_set, val_set, config):  # the scores of each epoch are not needed here
             pass
-        elapsed = time.perf_counter() - start
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
         accuracy = score(predict(model, test_images), test_labels).accuracy
         if reached is None and accuracy >= TARGET:
             reached = elapsed
         epoch_s = elapsed / epochs
     return {
         "epoch_s": epoch_s,
+        "epoch_cpu_s": cpu / epochs,
         "to_target_s": reached,
         "accuracy": accuracy,
         "note": f"{params.optimizer} lr {params.lr} {params.lr_schedule} batch {params.batch_size} "
@@ -207,7 +210,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tutorial-epochs", type=int, default=2)
     parser.add_argument(
-        "--pin-only", type=int, metavar="N", help="only (b) and (b'), alternately N times each: the pin's price"
+        "--pin-only", type=int, metavar="N", help="only (b) and (b'), on one thread, N times each: the pin's price"
     )
     args = parser.parse_args()
     if not (PROCESSED / "train.safetensors").exists() or not (RAW / "dataset.json").exists():
@@ -235,16 +238,24 @@ def main() -> None:
 
 
 def price_the_pin(repeats: int) -> None:
-    """(b) and (b') alternately, so that a load that comes and goes weighs on both alike; medians."""
-    pinned, unpinned = [], []
+    """(b) and (b') alternately, on one thread, so that a load that comes and goes weighs on both alike.
+
+    CPU seconds per epoch, beside wall seconds: on one thread they are the work itself, which another
+    process on the machine barely changes (two threads that wait for each other spin, and would not be).
+    """
+    runs: dict[str, list[dict]] = {"pinned": [], "unpinned": []}
     for _ in range(repeats):
-        pinned.append(measure("project", ladder=False)["epoch_s"])
-        unpinned.append(measure("project", pinned=False, ladder=False)["epoch_s"])
-        print(f"pinned {pinned[-1]:.3f} s/epoch, unpinned {unpinned[-1]:.3f} s/epoch", flush=True)
-    b, b_ = statistics.median(pinned), statistics.median(unpinned)
-    print(f"s/epoch pinned   {' '.join(f'{t:.3f}' for t in pinned)}  median {b:.3f}")
-    print(f"s/epoch unpinned {' '.join(f'{t:.3f}' for t in unpinned)}  median {b_:.3f}")
-    print(f"the price of pinned numerics: {b - b_:+.3f} s/epoch, (b)/(b') {b / b_:.2f}x")
+        for name, pinned in (("pinned", True), ("unpinned", False)):
+            runs[name].append(measure("project", pinned=pinned, ladder=False, threads=1))
+        print(" ".join(f"{name} {r[-1]['epoch_cpu_s']:.3f} cpu-s/epoch" for name, r in runs.items()), flush=True)
+    medians = {
+        name: {key: statistics.median(r[key] for r in results) for key in ("epoch_s", "epoch_cpu_s")}
+        for name, results in runs.items()
+    }
+    for name, median in medians.items():
+        print(f"{name:9s} median {median['epoch_cpu_s']:.3f} cpu-s/epoch, {median['epoch_s']:.3f} s/epoch wall")
+    pinned, unpinned = medians["pinned"]["epoch_cpu_s"], medians["unpinned"]["epoch_cpu_s"]
+    print(f"the price of pinned numerics: {pinned - unpinned:+.3f} cpu-s/epoch, (b)/(b') {pinned / unpinned:.2f}x")
 
 
 if __name__ == "__main__":
