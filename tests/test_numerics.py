@@ -92,6 +92,18 @@ def test_every_cpu_variant_writes_the_same_bytes(preprocessed: Path) -> None:
         assert not differing, f"under {name} ({variant}) these differ from the reference: {differing}"
 
 
+def test_a_cnn_writes_the_same_bytes_under_every_cpu_variant(preprocessed: Path) -> None:
+    """Convolutions go through other kernels than matmuls (oneDNN, or ATen's im2col + MKL): the same check."""
+    params = yaml.safe_load((preprocessed / "params.yaml").read_text())
+    params["train"].update(model="cnn", channels=[4, 8], hidden=[16], epochs=2)
+    (preprocessed / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    reference = train_and_evaluate(preprocessed, "cnn-reference", {})
+    for name in ("oneDNN SSE4.1", "ATen default", "MKL AUTO", "all at once"):
+        written = train_and_evaluate(preprocessed, "cnn-" + name.replace(" ", "-"), VARIANTS[name])
+        differing = sorted(path for path in reference if written.get(path) != reference[path])
+        assert not differing, f"under {name} ({VARIANTS[name]}) these differ from the reference: {differing}"
+
+
 def test_the_variants_do_change_the_bytes_without_the_pin(preprocessed: Path) -> None:
     """Without the pin, the same variants give other weights: the test above could fail, and would."""
     weights = {

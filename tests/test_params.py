@@ -32,7 +32,7 @@ def test_the_committed_params_parse(section: str) -> None:
 @pytest.mark.parametrize(
     ("section", "key", "value", "message"),
     [
-        ("train", "model", "resnet", "train.model: got 'resnet'; allowed: logreg, mlp"),
+        ("train", "model", "resnet", "train.model: got 'resnet'; allowed: logreg, mlp, cnn"),
         ("train", "device", "tpu", "train.device: got 'tpu'; allowed: auto, cpu, cuda, cuda:N, mps"),
         ("train", "lr", "fast", "train.lr: expected float, got 'fast'"),
         ("train", "lr", 0, "train.lr: must be > 0"),
@@ -90,7 +90,7 @@ def test_params_file_problems(tmp_path: Path) -> None:
 # Through the stage CLIs: one line on stderr, exit 1, nothing written.
 CLI_CASES = [
     ("download", {"data.dataset": "cifar"}, "download: error: data.dataset: unknown dataset 'cifar'; allowed: "),
-    ("train", {"train.model": "cnn"}, "train: error: train.model: got 'cnn'; allowed: logreg, mlp"),
+    ("train", {"train.model": "resnet"}, "train: error: train.model: got 'resnet'; allowed: logreg, mlp, cnn"),
     ("train", {"train.lr": -1}, "train: error: train.lr: must be > 0"),
     ("train", {"train.epochs": 0}, "train: error: train.epochs: must be >= 1"),
     ("train", {"train.batch_size": "big"}, "train: error: train.batch_size: expected int, got 'big'"),

@@ -22,7 +22,7 @@ from stages.core.contract import Card, ImageInputError
 from stages.core.datasets import load_registry
 from stages.core.images import fit_picture
 from stages.core.inference import load_classifier
-from stages.core.model import Classifier, architecture_for, load_model, save_model
+from stages.core.model import Classifier, architecture_for, build_model, load_model, save_model
 from stages.core.splits import Meta
 
 CLASSES = tuple(f"class {k}" for k in range(10))
@@ -72,11 +72,12 @@ def test_model_refuses_what_it_cannot_score(model_dir: Path, images: torch.Tenso
         numpy_model(images.numpy())
 
 
-@pytest.mark.parametrize(("kind", "hidden"), [("logreg", ()), ("mlp", (32, 16))])
+@pytest.mark.parametrize(("kind", "hidden"), [("logreg", ()), ("mlp", (32, 16)), ("cnn", (16,))])
 def test_numpy_model_computes_the_classifiers_logits(kind: str, hidden: tuple[int, ...], tmp_path: Path) -> None:
+    """What predict runs gives the trained model's logits; a cnn goes through torch (stages/core/inference.py)."""
     torch.manual_seed(1)
-    architecture = architecture_for(kind, hidden, META)
-    model = Classifier(architecture)
+    architecture = architecture_for(kind, hidden, META, channels=(4, 8))
+    model = build_model(architecture).eval()
     save_model(tmp_path, model, Card(architecture=architecture, classes=CLASSES, dataset="x"))
     images, _ = synthetic_split(500, seed=2)
     with torch.no_grad():

@@ -25,7 +25,7 @@ from stages.core.contract import PREDICT_BATCH, Card, ImageInputError, check_ima
 from stages.core.datasets import Frame, load_registry
 from stages.core.files import CARD
 from stages.core.images import UnreadableInput, list_inputs, read_input
-from stages.core.inference import NumpyClassifier, load_classifier, softmax
+from stages.core.inference import NumpyClassifier, TorchClassifier, load_classifier, softmax
 
 DEFAULT_MODEL = Path("models")  # dvc.yaml's `models` var, where the train stage writes (a test keeps them equal)
 
@@ -66,7 +66,7 @@ def main() -> None:
 
 
 def predict_files(
-    model: NumpyClassifier, card: Card, paths: list[Path], top_k: int, report: Callable[[str], None]
+    model: NumpyClassifier | TorchClassifier, card: Card, paths: list[Path], top_k: int, report: Callable[[str], None]
 ) -> tuple[list[Row], int]:
     """Rows for every image the paths give; `report(line)` for each that gives none. Returns the failures too."""
     image_shape = card.architecture.image_shape

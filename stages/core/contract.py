@@ -66,18 +66,32 @@ class Architecture(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
-    model: Literal["logreg", "mlp"]
-    hidden: tuple[PositiveInt, ...]  # widths of the mlp's hidden layers; none for logreg
+    model: Literal["logreg", "mlp", "cnn"]
+    hidden: tuple[PositiveInt, ...]  # widths of the mlp's hidden layers (the cnn's after its convolutions)
     image_shape: tuple[PositiveInt, PositiveInt]
     num_classes: int = Field(ge=2)
     mean: float
     std: float = Field(gt=0)
+    # The cnn's convolution widths; absent for the others, so that their cards keep their bytes.
+    channels: tuple[PositiveInt, ...] | None = None
 
     @model_validator(mode="after")
     def _hidden_layers_fit_the_model(self) -> Architecture:
-        if (self.model == "mlp") != bool(self.hidden):
+        if (self.model == "logreg" and self.hidden) or (self.model == "mlp" and not self.hidden):
             raise ValueError(f"{self.model} with hidden widths {list(self.hidden)}")
+        if (self.model == "cnn") != bool(self.channels):
+            raise ValueError(f"{self.model} with channels {self.channels}: the cnn needs them, only the cnn has them")
         return self
+
+
+class Stopped(BaseModel):
+    """How training ended: the epoch whose weights were kept (lowest validation loss), and why it stopped."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    epoch: int  # the last epoch trained
+    best_epoch: int
+    reason: str
 
 
 class Card(BaseModel):
@@ -92,6 +106,7 @@ class Card(BaseModel):
     device: str | None = None  # the device it was trained on
     numerics: Numerics | None = None
     recipe: Recipe | None = None
+    stopped: Stopped | None = None
 
     @model_validator(mode="after")
     def _one_name_per_output(self) -> Card:
@@ -119,7 +134,7 @@ def layer_widths(architecture: Architecture) -> list[int]:
 
 
 def expected_weights(architecture: Architecture) -> dict[str, tuple[int, ...]]:
-    """The shape of every weight the architecture has, by name."""
+    """The shape of every weight a linear model (logreg, mlp) has, by name."""
     shapes: dict[str, tuple[int, ...]] = {}
     for index, (width_in, width_out) in enumerate(itertools.pairwise(layer_widths(architecture))):
         shapes[f"layers.{2 * index}.weight"] = (width_out, width_in)

@@ -41,9 +41,30 @@ class NumpyClassifier:
         return hidden
 
 
-def load_classifier(folder: Path) -> tuple[NumpyClassifier, Card]:
+class TorchClassifier:
+    """A cnn, run by torch behind NumpyClassifier's interface: convolutions are not worth a numpy copy here,
+    so only a cnn's predictions pay `import torch` (about 3 s of a cold start on the 2-core machine)."""
+
+    def __init__(self, folder: Path) -> None:
+        from stages.core.model import load_model
+
+        self.model, _ = load_model(folder)
+        self.image_shape = self.model.image_shape
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        """uint8 (B, H, W) -> float32 logits (B, classes), as NumpyClassifier."""
+        import torch
+
+        check_images(images, self.image_shape)
+        with torch.no_grad():
+            return self.model(torch.from_numpy(np.ascontiguousarray(images))).numpy()
+
+
+def load_classifier(folder: Path) -> tuple[NumpyClassifier | TorchClassifier, Card]:
     """The model in `folder`, its card and weights checked as `stages.core.model.load_model` checks them."""
     card = read_card(folder)
+    if card.architecture.model == "cnn":
+        return TorchClassifier(folder), card
     path = folder / WEIGHTS
     weights = read_tensors(path, "weights", numpy=True)
     check_weights(

@@ -28,8 +28,9 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
-    model: Literal["logreg", "mlp"]
-    hidden: tuple[int, ...]  # hidden layer widths of the mlp; ignored by logreg
+    model: Literal["logreg", "mlp", "cnn"]
+    hidden: tuple[int, ...]  # hidden layer widths of the mlp, and of the cnn after its convolutions
+    channels: tuple[int, ...]  # the cnn's convolution widths (3x3 conv, batch norm, ReLU, 2x2 max-pool each)
     optimizer: Literal["sgd", "adam", "adamw"]
     lr: float
     lr_schedule: Literal["constant", "cosine"]  # per step; cosine decays lr to 0 by the last step
@@ -37,6 +38,7 @@ class TrainConfig(BaseModel):
     weight_decay: float
     batch_size: int
     epochs: int
+    early_stopping: int  # patience: stop when validation loss has not improved for this many epochs; 0 = off
     seed: int  # initial weights and shuffling
     threads: int  # CPU threads for torch's ops; part of the recipe, as the float sums depend on it
     device: str  # auto | cpu | cuda | cuda:N | mps
@@ -46,11 +48,12 @@ class TrainConfig(BaseModel):
     def recipe(self) -> dict[str, Any]:
         """What the weights depend on besides the architecture: the card records it, nanoGPT-style.
 
-        `hidden` lives in the architecture (empty for logreg) and `device` as the device actually used, so
+        `hidden` and `channels` live in the architecture (empty where the model has none) and `device` as
+        the device actually used, so
         a change that cannot change the weights (hidden sizes of a logreg, auto -> cpu on a CPU machine)
         leaves the model's bytes, and so the evaluation, untouched.
         """
-        return self.model_dump(exclude={"model", "hidden", "device"})
+        return self.model_dump(exclude={"model", "hidden", "channels", "device"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +67,36 @@ class EpochScores:
     epoch: int  # from 1
     train: Scores  # seen while training, as the weights moved
     val: Scores  # of the weights at the end of the epoch
+    # What `fit(..., resume=state)` continues from: weights, optimiser, schedule, scaler, shuffle generator.
+    # The tensors are the live ones (state_dict()s): save them before asking for the next epoch.
+    state: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False, compare=False)
+
+
+class BestEpoch:
+    """The weights of the epoch with the lowest validation loss, and whether `patience` epochs passed
+    without a lower one (patience 0: never stop early)."""
+
+    def __init__(self, patience: int) -> None:
+        self.patience = patience
+        self.epoch = 0
+        self.loss = math.inf
+        self.weights: dict[str, torch.Tensor] = {}
+
+    def update(self, epoch: int, loss: float, model: nn.Module) -> bool:
+        """Record epoch `epoch`'s validation loss; True when training should stop."""
+        if loss < self.loss:  # a tie keeps the earlier epoch
+            self.epoch, self.loss = epoch, loss
+            self.weights = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+        return self.stops_after(epoch)
+
+    def stops_after(self, epoch: int) -> bool:
+        return self.patience > 0 and epoch - self.epoch >= self.patience
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "loss": self.loss, "weights": self.weights}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch, self.loss, self.weights = state["epoch"], state["loss"], state["weights"]
 
 
 def make_optimizer(name: str, parameters, *, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -155,8 +188,12 @@ def fit(
     val_set: Batch,
     config: TrainConfig,
     autocast: contextlib.AbstractContextManager | None = None,
+    resume: dict[str, Any] | None = None,
 ) -> Iterator[EpochScores]:
     """Train `model` in place for `config.epochs` epochs, yielding the train and validation scores of each.
+
+    With `resume` (an EpochScores.state saved earlier), the model, optimiser, schedule and shuffle continue
+    from there, and the epochs after it are the ones an uninterrupted run would have trained, bit for bit.
 
     Raises SettingError when training diverges: checked once per epoch (a check per step would synchronise
     CUDA every batch), as NaN weights never recover and a model with NaN metrics must not pass for a result.
@@ -169,14 +206,30 @@ def fit(
     scheduler = make_schedule(config.lr_schedule, optimizer, config.epochs * steps_per_epoch)
     scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" else None
     shuffle = torch.Generator().manual_seed(config.seed)
-    for epoch in range(1, config.epochs + 1):
+    first = 1
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(resume["scheduler"])
+        if scaler is not None:
+            scaler.load_state_dict(resume["scaler"])
+        shuffle.set_state(resume["shuffle"])
+        first = resume["epoch"] + 1
+    for epoch in range(first, config.epochs + 1):
         order = epoch_order(len(images), shuffle, images.device)
         train_batches = batches(images, labels, order, config.batch_size)
         train = train_epoch(model, train_batches, optimizer, scheduler, autocast=autocast, scaler=scaler)
         val = score(predict(model, val_set[0]), val_set[1])
         if not (math.isfinite(train.loss) and math.isfinite(val.loss)):
             raise SettingError(f"training diverged in epoch {epoch} (loss {train.loss}, validation loss {val.loss})")
-        yield EpochScores(epoch, train, val)
+        state = {"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict()}
+        state["shuffle"] = shuffle.get_state()
+        if scheduler is not None:
+            state["scheduler"] = scheduler.state_dict()
+        if scaler is not None:
+            state["scaler"] = scaler.state_dict()
+        yield EpochScores(epoch, train, val, state)
 
 
 @torch.no_grad()

@@ -1,0 +1,230 @@
+"""The cnn against pytorch/examples' mnist/main.py, on the real Fashion-MNIST, same run, same machine.
+
+Run by hand after `dvc repro preprocess` (it reads data/raw and data/processed), never in CI:
+
+    python -m benchmarks.cnn_speed [--example-epochs 3] [--threads 2]
+
+(a) pytorch/examples mnist/main.py as published: its Net (two 3x3 convolutions, max-pool, dropout, two
+    linear layers), torchvision's FashionMNIST through a DataLoader of batch 64 with ToTensor and
+    Normalize((0.1307,), (0.3081,)), Adadelta lr 1.0, StepLR gamma 0.7 per epoch, seed 1, no shuffle on the
+    CPU (its `shuffle=True` is in the accelerator-only kwargs); test accuracy after each epoch.
+(b) this project's cnn recipe (params.yaml's train section with the README's cnn one-liner applied), through
+    `stages.core.training.fit`; test accuracy after each epoch, outside the timing.
+(c) the same Net as (a) trained the project's way (uint8 tensors in memory, index_select batches, the
+    normalisation in the model, fused Adam), one epoch, against its compute floor: 72 MFLOP per image for
+    forward and backward, 55,000 images, at this machine's fp32 matmul rate measured here.
+
+Ratios: (a) time to 0.91 test accuracy / (b) time to 0.91 (target >= 5); (c) epoch / floor (target <= 1.5).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TARGET = 0.91
+RAW = Path("data/raw")
+PROCESSED = Path("data/processed")
+NET_FLOP = 72e6  # forward + backward of the example's Net, per image (README, Models)
+# The README's cnn one-liner, as train params (tests/test_real_dataset.py holds the README to it).
+CNN_RECIPE = {"model": "cnn", "lr": 0.003, "batch_size": 128, "epochs": 8}
+
+
+def example_net():
+    from torch import nn
+    from torch.nn import functional as F
+
+    class Net(nn.Module):
+        """pytorch/examples mnist/main.py's Net, as published (log_softmax output, for nll_loss)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1 = nn.Conv2d(1, 32, 3, 1)
+            self.conv2 = nn.Conv2d(32, 64, 3, 1)
+            self.dropout1 = nn.Dropout(0.25)
+            self.dropout2 = nn.Dropout(0.5)
+            self.fc1 = nn.Linear(9216, 128)
+            self.fc2 = nn.Linear(128, 10)
+
+        def forward(self, x):
+            x = F.relu(self.conv1(x))  # (B, 32, 26, 26)
+            x = F.relu(self.conv2(x))  # (B, 64, 24, 24)
+            x = self.dropout1(F.max_pool2d(x, 2)).flatten(1)  # (B, 9216)
+            x = self.dropout2(F.relu(self.fc1(x)))
+            return F.log_softmax(self.fc2(x), dim=1)
+
+    return Net()
+
+
+def example(epochs: int, threads: int) -> dict:
+    """(a) The published loop: DataLoader over per-image PIL -> ToTensor -> Normalize."""
+    import torch
+    import torch.nn.functional as F
+    from torch.optim.lr_scheduler import StepLR
+    from torch.utils.data import DataLoader
+    from torchvision import datasets, transforms
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(1)
+    with tempfile.TemporaryDirectory() as root:
+        raw = Path(root) / "FashionMNIST" / "raw"
+        raw.mkdir(parents=True)
+        for split in ("train", "t10k"):
+            for kind in ("images-idx3", "labels-idx1"):
+                shutil.copy(RAW / f"{split}-{kind}-ubyte", raw / f"{split}-{kind}-ubyte")
+        transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))])
+        train = datasets.FashionMNIST(root, train=True, download=False, transform=transform)
+        test = datasets.FashionMNIST(root, train=False, download=False, transform=transform)
+        train_loader = DataLoader(train, batch_size=64)
+        test_loader = DataLoader(test, batch_size=1000)
+        model = example_net()
+        optimizer = torch.optim.Adadelta(model.parameters(), lr=1.0)
+        scheduler = StepLR(optimizer, step_size=1, gamma=0.7)
+        elapsed, curve, reached = 0.0, [], None
+        for _ in range(epochs):
+            start = time.perf_counter()
+            model.train()
+            for data, target in train_loader:
+                optimizer.zero_grad()
+                loss = F.nll_loss(model(data), target)
+                loss.backward()
+                optimizer.step()
+            model.eval()
+            with torch.no_grad():
+                correct = sum((model(data).argmax(1) == target).sum().item() for data, target in test_loader)
+            scheduler.step()
+            elapsed += time.perf_counter() - start  # its test pass is part of its loop, as published
+            curve.append(round(correct / len(test), 4))
+            if reached is None and curve[-1] >= TARGET:
+                reached = elapsed
+    return {"epoch_s": elapsed / epochs, "to_target_s": reached, "curve": curve}
+
+
+def project(threads: int) -> dict:
+    """(b) The cnn recipe through stages.core.training.fit; test accuracy per epoch, measured outside the clock."""
+    import torch
+
+    from stages.core.model import architecture_for, init_model
+    from stages.core.runtime import make_deterministic, set_cpu_threads
+    from stages.core.splits import load_split, read_meta
+    from stages.core.training import fit, predict, score
+    from stages.params import parse_section, read_params_file
+    from stages.train import TrainParams
+
+    section = read_params_file(Path("params.yaml"))["train"] | CNN_RECIPE | {"threads": threads}
+    params = parse_section("train", section, TrainParams)
+    make_deterministic(params.tf32)
+    set_cpu_threads(params.threads)
+    cpu = torch.device("cpu")
+    meta = read_meta(PROCESSED)
+    train_set, val_set = load_split(PROCESSED, "train", cpu), load_split(PROCESSED, "val", cpu)
+    test_images, test_labels = load_split(PROCESSED, "test", cpu)
+    model = init_model(architecture_for(params.model, params.hidden, meta, params.channels), params.seed, cpu)
+    curve, times, elapsed = [], [], 0.0
+    start = time.perf_counter()
+    for _ in fit(model, train_set, val_set, params):
+        elapsed += time.perf_counter() - start
+        times.append(elapsed)
+        curve.append(round(score(predict(model, test_images), test_labels).accuracy, 4))  # off the clock
+        start = time.perf_counter()
+    reached = next((t for t, accuracy in zip(times, curve, strict=True) if accuracy >= TARGET), None)
+    return {"epoch_s": times[-1] / len(times), "to_target_s": reached, "curve": curve}
+
+
+def floor(threads: int) -> dict:
+    """(c) The example's Net trained the project's way for one epoch, and this machine's matmul rate."""
+    import torch
+    import torch.nn.functional as F
+
+    from stages.core.runtime import make_deterministic, set_cpu_threads
+    from stages.core.splits import load_split, read_meta
+    from stages.core.training import epoch_order, make_optimizer
+
+    make_deterministic()
+    set_cpu_threads(threads)
+    size = 2048
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    runs = []
+    for _ in range(5):
+        start = time.perf_counter()
+        a @ b
+        runs.append(time.perf_counter() - start)
+    rate = 2 * size**3 / min(runs)  # FLOP/s
+
+    cpu = torch.device("cpu")
+    meta = read_meta(PROCESSED)
+    images, labels = load_split(PROCESSED, "train", cpu)
+    torch.manual_seed(0)
+    net = example_net()
+    scale, shift = 1 / (255 * meta.std), -meta.mean / meta.std
+    optimizer = make_optimizer("adam", net.parameters(), lr=1e-3, momentum=0.0, weight_decay=0.0)
+    order = epoch_order(len(images), torch.Generator().manual_seed(0), cpu)
+    net.train()
+    start = time.perf_counter()
+    for batch in order.split(128):
+        inputs = images.index_select(0, batch).unsqueeze(1).float() * scale + shift
+        loss = F.nll_loss(net(inputs), labels.index_select(0, batch))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    epoch_s = time.perf_counter() - start
+    return {"epoch_s": epoch_s, "floor_s": NET_FLOP * len(images) / rate, "gflops": rate / 1e9}
+
+
+VARIANTS = {"example": example, "project": project, "floor": floor}
+
+
+def _child(name: str, kwargs: dict, queue) -> None:
+    queue.put(VARIANTS[name](**kwargs))
+
+
+def measure(name: str, **kwargs) -> dict:
+    """Each variant in a fresh process: its own thread pool and allocator, no warm caches from the others."""
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=_child, args=(name, kwargs, queue))
+    process.start()
+    result = queue.get()
+    process.join()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--example-epochs", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    if not (PROCESSED / "train.safetensors").exists() or not (RAW / "dataset.json").exists():
+        sys.exit("run `dvc repro preprocess` first: this reads data/raw and data/processed")
+    print(f"load average at the start: {', '.join(f'{x:.1f}' for x in os.getloadavg())} ({os.cpu_count()} cores)")
+    a = measure("example", epochs=args.example_epochs, threads=args.threads)
+    b = measure("project", threads=args.threads)
+    c = measure("floor", threads=args.threads)
+    for name, r in (("(a) pytorch/examples", a), ("(b) project cnn", b)):
+        to_target = f"{r['to_target_s']:.1f} s" if r["to_target_s"] is not None else "not reached"
+        print(
+            f"{name:22s} {r['epoch_s']:6.1f} s/epoch, {TARGET} after {to_target}; test accuracy per epoch {r['curve']}"
+        )
+    print(
+        f"(c) the example's Net, the project's way: {c['epoch_s']:.1f} s/epoch; compute floor {c['floor_s']:.1f} s "
+        f"(72 MFLOP x 55,000 images at {c['gflops']:.0f} GFLOP/s: 2048^2 fp32 matmul, {args.threads} threads)"
+    )
+    if a["to_target_s"] and b["to_target_s"]:
+        print(f"time to {TARGET}, (a)/(b): {a['to_target_s'] / b['to_target_s']:.1f}x  (target >= 5x)")
+    else:
+        print(f"time to {TARGET}, (a)/(b): not comparable, a variant did not reach {TARGET}")
+    print(f"epoch / compute floor, (c): {c['epoch_s'] / c['floor_s']:.2f}x  (target <= 1.5x)")
+    print(f"load average at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    print(json.dumps({"example": a, "project": b, "floor": c}))
+
+
+if __name__ == "__main__":
+    main()

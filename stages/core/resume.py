@@ -1,0 +1,60 @@
+"""Training state saved after each epoch, so that a killed train stage continues instead of starting over.
+
+DVC deletes a stage's outputs before it runs the command, so the state lives outside them (dvc.yaml passes
+the folder, under `.dvc/tmp/`, which is per workspace: queued experiments each run in their own).
+Each state sits in a subfolder named by a hash of the stage's exact inputs (the train params, the
+processed data's bytes, the code of the `stages` modules loaded), so a run never continues another's.
+The stage removes its state once the model is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+STATE = "state.pt"
+
+
+def input_key(params: dict[str, Any], data: Path) -> str:
+    """A hash of everything the train stage's result depends on: params, data files, the stages' code."""
+    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode())
+    files = sorted(path for path in data.rglob("*") if path.is_file())
+    code = {
+        Path(module.__file__)
+        for name, module in list(sys.modules.items())
+        if (name == "stages" or name.startswith("stages.")) and getattr(module, "__file__", None)
+    }
+    for path in [*files, *sorted(code)]:
+        digest.update(path.name.encode() + b"\0")
+        with path.open("rb") as stream:
+            for block in iter(lambda: stream.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:32]
+
+
+def load_state(folder: Path) -> dict[str, Any] | None:
+    """The state saved in `folder` by an earlier, interrupted run of the same inputs; None if there is none."""
+    path = folder / STATE
+    if not path.is_file():
+        return None
+    # Our own file, but still loaded without executing pickled code: tensors, numbers, strings and dicts.
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def save_state(folder: Path, state: dict[str, Any]) -> None:
+    """Write `state` to a temporary name and rename it, so a kill mid-write keeps the previous epoch's."""
+    folder.mkdir(parents=True, exist_ok=True)
+    temp = folder / f".{STATE}.{os.getpid()}.tmp"
+    torch.save(state, temp)
+    os.replace(temp, folder / STATE)
+
+
+def remove_state(folder: Path) -> None:
+    shutil.rmtree(folder, ignore_errors=True)

@@ -1,0 +1,77 @@
+"""A long training under `dvc repro`: epoch lines while it runs, and a SIGKILL that costs only the epoch in progress."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from helpers import dvc, make_tiny_project, project_env, register_dataset, run, set_params, stages_run, write_dataset
+
+pytestmark = pytest.mark.e2e
+
+# A cnn on 6,000 synthetic images: a few seconds per epoch, long enough to be killed mid-run.
+LONG = {"train.model": "cnn", "train.channels": [8, 16], "train.hidden": [32], "train.epochs": 5, "train.lr": 0.003}
+
+
+@pytest.fixture
+def long_project(tmp_path: Path) -> Path:
+    project = make_tiny_project(tmp_path)
+    register_dataset(project, "tiny", write_dataset(tmp_path / "mirror", n_train=6000, n_test=200))
+    set_params(project, **LONG, **{"train.batch_size": 100})
+    run(project, "git", "commit", "-qam", "a longer training")
+    dvc(project, "repro", "preprocess")
+    return project
+
+
+def repro_until(project: Path, line_prefix: str) -> tuple[list[str], float]:
+    """Start `dvc repro` in its own process group, read its output until a line starting with
+    `line_prefix`, then SIGKILL the whole group (dvc and the stage) as an OOM killer or a reboot would."""
+    process = subprocess.Popen(
+        ["dvc", "repro"], cwd=project, env=project_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, start_new_session=True,
+    )  # fmt: skip
+    lines, start = [], time.monotonic()
+    try:
+        for line in process.stdout:
+            lines.append(line.rstrip("\n"))
+            if line.startswith(line_prefix):
+                os.killpg(process.pid, signal.SIGKILL)
+                break
+    finally:
+        process.wait(timeout=60)
+    return lines, time.monotonic() - start
+
+
+def test_killed_repro_resumes_to_the_bytes_of_an_uninterrupted_run(long_project: Path, tmp_path: Path) -> None:
+    lines, _ = repro_until(long_project, "train: epoch 2/5")
+    assert lines[-1].startswith("train: epoch 2/5: train loss "), lines
+    assert [line.split(":")[1] for line in lines if line.startswith("train: epoch")] == [" epoch 1/5", " epoch 2/5"]
+    # The curves were readable while it ran, outside the outputs DVC deletes.
+    live = json.loads((long_project / "dvclive" / "metrics.json").read_text())
+    assert live["step"] >= 1 and set(live) >= {"train", "val"}
+    states = list((long_project / ".dvc" / "tmp" / "train-resume").glob("*/state.pt"))
+    assert len(states) == 1
+    assert not (long_project / "models").exists()
+
+    resumed = dvc(long_project, "repro")
+    assert stages_run(resumed) == ["train", "evaluate"]
+    # Killed right after epoch 2's line, or (if the kill came late) during epoch 4: never before epoch 2's state.
+    assert any(f"train: resuming after epoch {done} of 5" in resumed.stdout for done in (2, 3)), resumed.stdout
+    assert not states[0].exists()  # removed once the model was written
+    resumed_bytes = {p.name: p.read_bytes() for p in (long_project / "models").iterdir() if p.is_file()}
+    resumed_log = (long_project / "models" / "training" / "metrics.json").read_bytes()
+
+    # The same params from scratch, without the state: the same bytes.
+    fresh = make_tiny_project(tmp_path / "fresh")
+    register_dataset(fresh, "tiny", write_dataset(tmp_path / "fresh" / "mirror", n_train=6000, n_test=200))
+    set_params(fresh, **LONG, **{"train.batch_size": 100})
+    run(fresh, "git", "commit", "-qam", "a longer training")
+    uninterrupted = dvc(fresh, "repro")
+    assert "resuming" not in uninterrupted.stdout
+    assert {p.name: p.read_bytes() for p in (fresh / "models").iterdir() if p.is_file()} == resumed_bytes
+    assert (fresh / "models" / "training" / "metrics.json").read_bytes() == resumed_log

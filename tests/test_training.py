@@ -1,0 +1,180 @@
+"""The cnn, the best epoch and early stopping, and resuming from the state saved after each epoch.
+
+Oracles: torch's functional ops for the cnn's forward pass, an uninterrupted run for a resumed one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import synthetic_split
+from pydantic import ValidationError
+
+from stages.cli import StageError
+from stages.core.contract import Architecture
+from stages.core.model import Card, ConvNet, architecture_for, build_model, init_model, load_model, save_model
+from stages.core.resume import STATE, input_key
+from stages.core.splits import Meta
+from stages.core.training import BestEpoch
+from stages.params import parse_section
+from stages.train import TrainParams, train_epochs
+
+CLASSES = tuple(str(k) for k in range(10))
+META = Meta(dataset="digits", classes=CLASSES, image_shape=(28, 28), sizes={"train": 1}, mean=0.25, std=0.5)
+PARAMS = {
+    "model": "cnn",
+    "hidden": [16],
+    "channels": [4, 8],
+    "optimizer": "adam",
+    "lr": 0.01,
+    "lr_schedule": "cosine",
+    "momentum": 0.9,
+    "weight_decay": 0.0,
+    "batch_size": 50,
+    "epochs": 4,
+    "early_stopping": 0,
+    "seed": 0,
+    "threads": 1,
+    "device": "cpu",
+    "precision": "fp32",
+    "tf32": False,
+}
+
+
+def train_params(**changes: object) -> TrainParams:
+    return parse_section("train", PARAMS | changes, TrainParams)
+
+
+class Log:
+    """Stands in for DVCLive: keeps the rows; `fail_at` makes logging of that epoch raise, as a kill would."""
+
+    def __init__(self, fail_at: int | None = None) -> None:
+        self.rows: list[dict[str, float]] = [{}]
+        self.summary: dict = {}
+        self.fail_at = fail_at
+
+    def log_metric(self, name: str, value: float) -> None:
+        if len(self.rows) == self.fail_at:
+            raise KeyboardInterrupt("killed")
+        self.rows[-1][name] = value
+
+    def next_step(self) -> None:
+        self.rows.append({})
+
+
+def data(count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    images, labels = synthetic_split(count, seed)
+    return images, labels.long()
+
+
+def test_cnn_normalises_inside_and_matches_a_functional_forward() -> None:
+    torch.manual_seed(0)
+    architecture = architecture_for("cnn", (16,), META, (4, 8))
+    model = build_model(architecture).eval()
+    assert isinstance(model, ConvNet)
+    images = torch.randint(0, 256, (5, 28, 28), dtype=torch.uint8)
+    x = ((images.double() / 255 - 0.25) / 0.5).unsqueeze(1)  # (5, 1, 28, 28)
+    for conv, norm in ((model.features[0], model.features[1]), (model.features[4], model.features[5])):
+        x = F.conv2d(x, conv.weight.double(), padding=1)
+        x = (x - norm.running_mean.double()[:, None, None]) / (norm.running_var.double()[:, None, None] + 1e-5).sqrt()
+        x = x * norm.weight.double()[:, None, None] + norm.bias.double()[:, None, None]
+        x = F.max_pool2d(F.relu(x), 2)  # 28 -> 14 -> 7
+    first, second = model.head[1], model.head[3]
+    hidden = F.relu(x.flatten(1) @ first.weight.double().T + first.bias.double())  # (5, 8 * 7 * 7) -> (5, 16)
+    expected = hidden @ second.weight.double().T + second.bias.double()
+    torch.testing.assert_close(model(images).double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_cnn_round_trips_through_its_files(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    architecture = architecture_for("cnn", (16,), META, (4, 8))
+    model = build_model(architecture)
+    images, labels = data(100, 0)
+    F.cross_entropy(model(images), labels).backward()  # batch norm's running statistics move off their start
+    save_model(tmp_path, model, Card(architecture=architecture, classes=CLASSES, dataset="digits"))
+    loaded, card = load_model(tmp_path)
+    assert card.architecture == architecture
+    assert '"channels"' in (tmp_path / "model.json").read_text()
+    torch.testing.assert_close(loaded(images), model.eval()(images))
+
+
+def test_channels_belong_to_the_cnn_alone(tmp_path: Path) -> None:
+    assert architecture_for("logreg", (), META, (4, 8)).channels is None
+    assert architecture_for("mlp", (8,), META, (4, 8)).channels is None
+    # A linear model's card has no "channels" key: its bytes are what they were before the cnn.
+    mlp = architecture_for("mlp", (8,), META)
+    save_model(tmp_path, build_model(mlp), Card(architecture=mlp, classes=CLASSES, dataset="digits"))
+    assert '"channels"' not in (tmp_path / "model.json").read_text()
+    fields = {"model": "cnn", "hidden": (), "image_shape": (28, 28), "num_classes": 2, "mean": 0.1, "std": 0.3}
+    with pytest.raises(ValidationError, match="the cnn needs them"):
+        Architecture(**fields)
+    with pytest.raises(StageError, match=r"^train.channels: the cnn needs at least one width$"):
+        train_params(channels=[])
+
+
+def test_best_epoch_keeps_the_lowest_validation_loss_and_counts_patience() -> None:
+    model = torch.nn.Linear(1, 1, bias=False)
+    best = BestEpoch(patience=2)
+    for epoch, loss in enumerate([0.9, 0.5, 0.6, 0.5, 0.7], start=1):
+        with torch.no_grad():
+            model.weight.fill_(epoch)
+        stop = best.update(epoch, loss, model)
+        assert stop == (epoch >= 4)  # epochs 3 and 4 not lower than epoch 2 (a tie is no improvement)
+    assert best.epoch == 2 and best.weights["weight"].item() == 2
+    never = BestEpoch(patience=0)
+    assert not any(never.update(epoch, 1.0 + epoch, model) for epoch in range(1, 20))
+
+
+def run_epochs(params: TrainParams, log: Log, state: Path | None = None):
+    """The train stage's loop (stages.train.train_epochs) on a fresh model; returns the model and how it stopped."""
+    architecture = architecture_for(params.model, params.hidden, META, params.channels)
+    model = init_model(architecture, params.seed, torch.device("cpu"))
+    stopped = train_epochs(model, data(300, 0), data(100, 1), params, None, log, state)
+    return model, stopped
+
+
+def test_training_keeps_the_best_epoch_and_stops_early() -> None:
+    # A learning rate far too high: validation loss climbs after the first epochs.
+    params = train_params(model="mlp", hidden=[32], lr=3.0, lr_schedule="constant", epochs=8, early_stopping=2)
+    model, stopped = run_epochs(params, Log())
+    assert stopped.epoch == stopped.best_epoch + 2 < 8
+    assert stopped.reason == "validation loss not lower for 2 epochs (train.early_stopping)"
+
+    full, stopped_full = run_epochs(params.model_copy(update={"early_stopping": 0}), Log())
+    assert stopped_full.epoch == 8 and stopped_full.best_epoch == stopped.best_epoch
+    assert stopped_full.reason == "all 8 epochs done (train.epochs)"
+    # Both keep the best epoch's weights, which the early stop reached first: the same model.
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, full.state_dict()[name]), name
+
+
+def test_a_killed_fit_resumes_to_the_same_bytes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    params = train_params(epochs=4)
+    whole_log = Log()
+    whole, _ = run_epochs(params, whole_log, tmp_path / "whole")
+
+    state = tmp_path / "killed"
+    with pytest.raises(KeyboardInterrupt):
+        run_epochs(params, Log(fail_at=3), state)
+    assert (state / STATE).is_file()  # epochs 1 and 2 were saved
+    capsys.readouterr()
+    resumed_log = Log()
+    resumed, _ = run_epochs(params, resumed_log, state)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"train: resuming after epoch 2 of 4 (state in {state})"
+    assert [line.split(":")[1] for line in lines[1:]] == [" epoch 3/4", " epoch 4/4"]  # only those trained
+    assert resumed_log.rows == whole_log.rows  # the curves of the killed epochs are logged again
+    for name, tensor in whole.state_dict().items():
+        assert torch.equal(tensor, resumed.state_dict()[name]), name
+
+
+def test_the_state_key_is_the_exact_inputs(tmp_path: Path) -> None:
+    (tmp_path / "train.safetensors").write_bytes(b"one")
+    key = input_key(PARAMS, tmp_path)
+    assert key == input_key(dict(PARAMS), tmp_path)
+    assert key != input_key(PARAMS | {"lr": 0.02}, tmp_path)
+    (tmp_path / "train.safetensors").write_bytes(b"two")
+    assert key != input_key(PARAMS, tmp_path)
