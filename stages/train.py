@@ -8,22 +8,19 @@ only when training has finished.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shutil
-import time
 from pathlib import Path
-
-from torch import nn
 
 from stages.cli import argument_parser, explained, numerics_in_effect, run, warn
 from stages.core.artifacts import atomic_directory
-from stages.core.contract import Stopped
 from stages.core.files import TRAINING_LOG
 from stages.core.model import Card, architecture_for, init_model, save_model
-from stages.core.resume import input_key, load_state, remove_state, save_state
+from stages.core.resume import Checkpoint, input_key
 from stages.core.runtime import autocast_for, make_deterministic, resolve_device, set_cpu_threads
 from stages.core.splits import load_split, read_meta
-from stages.core.training import Batch, BestEpoch, EpochScores, TrainConfig, fit
+from stages.core.training import EpochLog, TrainConfig, train_best
 from stages.params import Params, check_device, load_section, require
 
 
@@ -61,7 +58,7 @@ def main() -> None:
     train_set, val_set = load_split(args.data, "train", device), load_split(args.data, "val", device)
     architecture = architecture_for(params.model, params.hidden, meta, params.channels)
     model = init_model(architecture, params.seed, device)
-    state = args.resume / input_key(params.model_dump(mode="json"), args.data) if args.resume else None
+    checkpoint, resume = open_checkpoint(args.resume, params, args.data)
 
     from dvclive import Live  # imported here: it is the slowest import of the stage
 
@@ -70,15 +67,19 @@ def main() -> None:
         # run-cache stays on); copied into the model folder at the end.
         with Live(str(args.live or folder / TRAINING_LOG), dvcyaml=False, save_dvc_exp=False, report=None) as live:
             with explained("train.lr", fix=f"lower train.lr (now {params.lr}); nothing was written"):
-                stopped = train_epochs(model, train_set, val_set, params, autocast, live, state)
+                report = functools.partial(report_epoch, live, params.epochs)
+                save = checkpoint.save if checkpoint else None
+                stopped = train_best(
+                    model, train_set, val_set, params, autocast, report=report, resume=resume, save=save
+                )
             live.summary["device"] = str(device)
         if args.live:
             shutil.copytree(args.live, folder / TRAINING_LOG)
         recorded = {"device": str(device), "numerics": numerics, "recipe": params.recipe(), "stopped": stopped}
         card = Card(architecture=architecture, classes=meta.classes, dataset=meta.dataset, **recorded)
         save_model(folder, model, card)
-    if state:
-        remove_state(state)
+    if checkpoint:
+        checkpoint.remove()
 
 
 def arguments() -> argparse.Namespace:
@@ -90,59 +91,31 @@ def arguments() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def train_epochs(
-    model: nn.Module, train_set: Batch, val_set: Batch, params: TrainParams, autocast, live, state: Path | None
-) -> Stopped:
-    """fit's epochs, each logged, printed as one line and (with a `state` folder) saved for a resume; leaves
-    the best validation epoch's weights in `model`, and says how training ended."""
-    best, history, saved = BestEpoch(params.early_stopping), [], load_state(state) if state else None
-    if saved is not None:
-        best.load_state_dict(saved["best"])
-        history = saved["history"]
-        print(f"train: resuming after epoch {len(history)} of {params.epochs} (state in {state})", flush=True)
-        for row in history:  # the curves of the epochs already done, as the killed run logged them
-            log_epoch(live, row)
-    stop, start = saved is not None and best.stops_after(len(history)), time.perf_counter()
-    for scores in [] if stop else fit(model, train_set, val_set, params, autocast, saved and saved["fit"]):
-        history.append(epoch_row(scores))
-        log_epoch(live, history[-1])
-        stop = best.update(scores.epoch, scores.val.loss, model)
-        if state:
-            save_state(state, {"fit": scores.state, "best": best.state_dict(), "history": history})
-        # After the state is saved: a run killed once this line is out resumes after this epoch.
-        print(epoch_line(scores, params.epochs, time.perf_counter() - start), flush=True)
-        start = time.perf_counter()
-        if stop:
-            break
-    model.load_state_dict(best.weights)
-    if stop:
-        reason = f"validation loss not lower for {params.early_stopping} epochs (train.early_stopping)"
-    else:
-        reason = f"all {params.epochs} epochs done (train.epochs)"
-    return Stopped(epoch=len(history), best_epoch=best.epoch, reason=reason)
+def open_checkpoint(folder: Path | None, params: TrainParams, data: Path) -> tuple[Checkpoint | None, dict | None]:
+    """The state folder of this run's exact inputs (none without --resume), and what an interrupted run of
+    the same inputs saved there."""
+    if folder is None:
+        return None, None
+    checkpoint = Checkpoint(folder / input_key(params.model_dump(mode="json"), data))
+    resume = checkpoint.load()
+    if resume:
+        done = len(resume["history"])
+        print(f"train: resuming after epoch {done} of {params.epochs} (state in {checkpoint.folder})", flush=True)
+    return checkpoint, resume
 
 
-def epoch_row(scores: EpochScores) -> dict[str, float]:
-    """One DVCLive step's metrics: train and validation loss and accuracy."""
-    row = {}
-    for split, split_scores in (("train", scores.train), ("val", scores.val)):
-        row[f"{split}/loss"] = round(split_scores.loss, 6)
-        row[f"{split}/accuracy"] = round(split_scores.accuracy, 6)
-    return row
-
-
-def log_epoch(live, row: dict[str, float]) -> None:
-    for name, value in row.items():
+def report_epoch(live, epochs: int, log: EpochLog) -> None:
+    """One DVCLive step, and one line on the terminal for an epoch trained now (not one replayed on resume)."""
+    for name, value in log.metrics.items():
         live.log_metric(name, value)
     live.next_step()
-
-
-def epoch_line(scores: EpochScores, epochs: int, seconds: float) -> str:
-    return (
-        f"train: epoch {scores.epoch}/{epochs}: train loss {scores.train.loss:.4f} "
-        f"accuracy {scores.train.accuracy:.4f}, val loss {scores.val.loss:.4f} "
-        f"accuracy {scores.val.accuracy:.4f}, {seconds:.1f} s"
-    )
+    if log.seconds is not None:
+        m = log.metrics
+        print(
+            f"train: epoch {log.epoch}/{epochs}: train loss {m['train/loss']:.4f} accuracy {m['train/accuracy']:.4f}, "
+            f"val loss {m['val/loss']:.4f} accuracy {m['val/accuracy']:.4f}, {log.seconds:.1f} s",
+            flush=True,
+        )
 
 
 def warn_if_oversubscribed(threads: int) -> None:

@@ -16,11 +16,11 @@ from pydantic import ValidationError
 from stages.cli import StageError
 from stages.core.contract import Architecture
 from stages.core.model import Card, ConvNet, architecture_for, build_model, init_model, load_model, save_model
-from stages.core.resume import STATE, input_key
+from stages.core.resume import STATE, Checkpoint, input_key
 from stages.core.splits import Meta
-from stages.core.training import BestEpoch
+from stages.core.training import BestEpoch, EpochLog, train_best
 from stages.params import parse_section
-from stages.train import TrainParams, train_epochs
+from stages.train import TrainParams
 
 CLASSES = tuple(str(k) for k in range(10))
 META = Meta(dataset="digits", classes=CLASSES, image_shape=(28, 28), sizes={"train": 1}, mean=0.25, std=0.5)
@@ -49,20 +49,16 @@ def train_params(**changes: object) -> TrainParams:
 
 
 class Log:
-    """Stands in for DVCLive: keeps the rows; `fail_at` makes logging of that epoch raise, as a kill would."""
+    """Stands in for the stage's report: keeps each epoch's metrics, and whether it was trained or replayed."""
 
-    def __init__(self, fail_at: int | None = None) -> None:
-        self.rows: list[dict[str, float]] = [{}]
-        self.summary: dict = {}
-        self.fail_at = fail_at
+    def __init__(self) -> None:
+        self.rows: list[dict[str, float]] = []
+        self.trained: list[int] = []
 
-    def log_metric(self, name: str, value: float) -> None:
-        if len(self.rows) == self.fail_at:
-            raise KeyboardInterrupt("killed")
-        self.rows[-1][name] = value
-
-    def next_step(self) -> None:
-        self.rows.append({})
+    def __call__(self, log: EpochLog) -> None:
+        self.rows.append(log.metrics)
+        if log.seconds is not None:
+            self.trained.append(log.epoch)
 
 
 def data(count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,11 +124,22 @@ def test_best_epoch_keeps_the_lowest_validation_loss_and_counts_patience() -> No
     assert not any(never.update(epoch, 1.0 + epoch, model) for epoch in range(1, 20))
 
 
-def run_epochs(params: TrainParams, log: Log, state: Path | None = None):
-    """The train stage's loop (stages.train.train_epochs) on a fresh model; returns the model and how it stopped."""
+def run_epochs(params: TrainParams, log: Log, state: Path | None = None, kill_at: int | None = None):
+    """train_best as the stage calls it, on a fresh model; returns the model and how it stopped.
+    `kill_at`: raise as a kill would while epoch `kill_at` is being saved (its state never lands)."""
     architecture = architecture_for(params.model, params.hidden, META, params.channels)
     model = init_model(architecture, params.seed, torch.device("cpu"))
-    stopped = train_epochs(model, data(300, 0), data(100, 1), params, None, log, state)
+    checkpoint = Checkpoint(state) if state else None
+
+    def save(saved: dict) -> None:
+        if saved["fit"]["epoch"] == kill_at:
+            raise KeyboardInterrupt("killed")
+        checkpoint.save(saved)
+
+    resume = checkpoint.load() if checkpoint else None
+    stopped = train_best(
+        model, data(300, 0), data(100, 1), params, None, report=log, resume=resume, save=save if checkpoint else None
+    )
     return model, stopped
 
 
@@ -141,31 +148,30 @@ def test_training_keeps_the_best_epoch_and_stops_early() -> None:
     params = train_params(model="mlp", hidden=[32], lr=3.0, lr_schedule="constant", epochs=8, early_stopping=2)
     model, stopped = run_epochs(params, Log())
     assert stopped.epoch == stopped.best_epoch + 2 < 8
-    assert stopped.reason == "validation loss not lower for 2 epochs (train.early_stopping)"
+    assert stopped.reason == "validation loss not lower for 2 epochs (early stopping)"
 
     full, stopped_full = run_epochs(params.model_copy(update={"early_stopping": 0}), Log())
     assert stopped_full.epoch == 8 and stopped_full.best_epoch == stopped.best_epoch
-    assert stopped_full.reason == "all 8 epochs done (train.epochs)"
+    assert stopped_full.reason == "all 8 epochs done"
     # Both keep the best epoch's weights, which the early stop reached first: the same model.
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, full.state_dict()[name]), name
 
 
-def test_a_killed_fit_resumes_to_the_same_bytes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_killed_fit_resumes_to_the_same_bytes(tmp_path: Path) -> None:
     params = train_params(epochs=4)
     whole_log = Log()
     whole, _ = run_epochs(params, whole_log, tmp_path / "whole")
+    assert not list((tmp_path / "whole").glob(".*.tmp"))
 
     state = tmp_path / "killed"
+    killed_log = Log()
     with pytest.raises(KeyboardInterrupt):
-        run_epochs(params, Log(fail_at=3), state)
-    assert (state / STATE).is_file()  # epochs 1 and 2 were saved
-    capsys.readouterr()
+        run_epochs(params, killed_log, state, kill_at=3)
+    assert (state / STATE).is_file() and killed_log.trained == [1, 2]  # epochs 1 and 2 were saved
     resumed_log = Log()
     resumed, _ = run_epochs(params, resumed_log, state)
-    lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == f"train: resuming after epoch 2 of 4 (state in {state})"
-    assert [line.split(":")[1] for line in lines[1:]] == [" epoch 3/4", " epoch 4/4"]  # only those trained
+    assert resumed_log.trained == [3, 4]  # only those are trained again
     assert resumed_log.rows == whole_log.rows  # the curves of the killed epochs are logged again
     for name, tensor in whole.state_dict().items():
         assert torch.equal(tensor, resumed.state_dict()[name]), name

@@ -39,22 +39,26 @@ def input_key(params: dict[str, Any], data: Path) -> str:
     return digest.hexdigest()[:32]
 
 
-def load_state(folder: Path) -> dict[str, Any] | None:
-    """The state saved in `folder` by an earlier, interrupted run of the same inputs; None if there is none."""
-    path = folder / STATE
-    if not path.is_file():
-        return None
-    # Our own file, but still loaded without executing pickled code: tensors, numbers, strings and dicts.
-    return torch.load(path, map_location="cpu", weights_only=True)
+class Checkpoint:
+    """The state of one run (a folder named by its `input_key`), saved after each epoch, gone at the end."""
 
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
 
-def save_state(folder: Path, state: dict[str, Any]) -> None:
-    """Write `state` to a temporary name and rename it, so a kill mid-write keeps the previous epoch's."""
-    folder.mkdir(parents=True, exist_ok=True)
-    temp = folder / f".{STATE}.{os.getpid()}.tmp"
-    torch.save(state, temp)
-    os.replace(temp, folder / STATE)
+    def load(self) -> dict[str, Any] | None:
+        """The state an earlier, interrupted run of the same inputs saved; None if there is none."""
+        path = self.folder / STATE
+        if not path.is_file():
+            return None
+        # Our own file, but still loaded without executing pickled code: tensors, numbers, strings and dicts.
+        return torch.load(path, map_location="cpu", weights_only=True)
 
+    def save(self, state: dict[str, Any]) -> None:
+        """Write `state` to a temporary name and rename it, so a kill mid-write keeps the previous epoch's."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        temp = self.folder / f".{STATE}.{os.getpid()}.tmp"
+        torch.save(state, temp)
+        os.replace(temp, self.folder / STATE)
 
-def remove_state(folder: Path) -> None:
-    shutil.rmtree(folder, ignore_errors=True)
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)

@@ -9,7 +9,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Literal
 
 import torch
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-from stages.core.contract import PREDICT_BATCH
+from stages.core.contract import PREDICT_BATCH, Stopped
 from stages.core.errors import SettingError
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # uint8 images (B, H, W), int64 labels (B,)
@@ -243,3 +244,63 @@ def score(logits: torch.Tensor, labels: torch.Tensor) -> Scores:
     loss = F.cross_entropy(logits, labels).item()
     accuracy = (logits.argmax(1) == labels).float().mean().item()
     return Scores(loss, accuracy)
+
+
+@dataclasses.dataclass(frozen=True)
+class EpochLog:
+    """What is logged of one epoch: its scores by DVCLive name, and how long it took."""
+
+    epoch: int  # from 1
+    metrics: dict[str, float]  # train/loss, train/accuracy, val/loss, val/accuracy
+    seconds: float | None  # None: an epoch the resumed run had trained, logged again for the curves
+
+
+def epoch_metrics(scores: EpochScores) -> dict[str, float]:
+    metrics = {}
+    for split, split_scores in (("train", scores.train), ("val", scores.val)):
+        metrics[f"{split}/loss"] = round(split_scores.loss, 6)
+        metrics[f"{split}/accuracy"] = round(split_scores.accuracy, 6)
+    return metrics
+
+
+def train_best(
+    model: nn.Module,
+    train_set: Batch,
+    val_set: Batch,
+    config: TrainConfig,
+    autocast: contextlib.AbstractContextManager | None,
+    *,
+    report: Callable[[EpochLog], None],
+    resume: dict[str, Any] | None = None,
+    save: Callable[[dict[str, Any]], None] | None = None,
+) -> Stopped:
+    """`fit`, each epoch reported and (with `save`) its state saved before the next one starts; leaves the
+    weights of the epoch with the lowest validation loss in `model` and says how training ended.
+
+    `resume` is a state `save` was given by an interrupted run of the same inputs: its epochs are reported
+    again (seconds None) and training continues after them, to the bytes of an uninterrupted run.
+    """
+    best, history = BestEpoch(config.early_stopping), []
+    if resume is not None:
+        best.load_state_dict(resume["best"])
+        history = resume["history"]
+        for epoch, metrics in enumerate(history, start=1):
+            report(EpochLog(epoch, metrics, None))
+    stop = best.stops_after(len(history))
+    start = time.perf_counter()
+    for scores in [] if stop else fit(model, train_set, val_set, config, autocast, resume and resume["fit"]):
+        history.append(epoch_metrics(scores))
+        stop = best.update(scores.epoch, scores.val.loss, model)
+        if save is not None:
+            save({"fit": scores.state, "best": best.state_dict(), "history": history})
+        # Reported after the state is saved: a run killed once an epoch is reported resumes after it.
+        report(EpochLog(scores.epoch, history[-1], time.perf_counter() - start))
+        start = time.perf_counter()
+        if stop:
+            break
+    model.load_state_dict(best.weights)
+    if stop:
+        reason = f"validation loss not lower for {config.early_stopping} epochs (early stopping)"
+    else:
+        reason = f"all {config.epochs} epochs done"
+    return Stopped(epoch=len(history), best_epoch=best.epoch, reason=reason)
