@@ -71,9 +71,12 @@ class Conv3x3(nn.Module):
 
     def forward(self, maps: torch.Tensor) -> torch.Tensor:
         batch, height, width, channels = maps.shape
-        # (B, H, W, Cin, 3, 3): each position's neighbourhood, in the order of the weight's (Cin, 3, 3)
-        patches = F.pad(maps, (0, 0, 1, 1, 1, 1)).unfold(1, 3, 1).unfold(2, 3, 1)
-        out = patches.reshape(-1, channels * 9) @ self.weight.flatten(1).T  # (B*H*W, Cout)
+        padded = F.pad(maps, (0, 0, 1, 1, 1, 1))  # (B, H+2, W+2, Cin)
+        # (B, H, W, 9*Cin): each position's 3x3 neighbourhood in (row, column, channel) order, built from
+        # nine shifted slices (contiguous runs of channels: faster to copy than a strided unfold)
+        shifted = [padded[:, row : row + height, column : column + width] for row in range(3) for column in range(3)]
+        patches = torch.cat(shifted, dim=3).view(-1, 9 * channels)
+        out = patches @ self.weight.permute(0, 2, 3, 1).flatten(1).T  # (B*H*W, Cout)
         return out.view(batch, height, width, -1)
 
 
