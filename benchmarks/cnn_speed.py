@@ -31,12 +31,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from tests.helpers import RECIPES
+
 TARGET = 0.91
 RAW = Path("data/raw")
 PROCESSED = Path("data/processed")
 NET_FLOP = 72e6  # forward + backward of the example's Net, per image (README, Models)
-# The README's cnn one-liner, as train params (tests/test_real_dataset.py holds the README to it).
-CNN_RECIPE = {"model": "cnn", "lr": 0.003, "batch_size": 128, "epochs": 8}
 
 
 def example_net():
@@ -125,7 +125,8 @@ def project(threads: int, device: str, precision: str) -> dict:
     from stages.train import TrainParams
 
     run = {"threads": threads, "device": device, "precision": precision}
-    params = parse_section("train", read_params_file(Path("params.yaml"))["train"] | CNN_RECIPE | run, TrainParams)
+    recipe = RECIPES["cnn"][0]  # the README's one-liner
+    params = parse_section("train", read_params_file(Path("params.yaml"))["train"] | recipe | run, TrainParams)
     make_deterministic(params.tf32)
     set_cpu_threads(params.threads)
     on = torch.device(device)
