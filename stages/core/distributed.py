@@ -312,7 +312,7 @@ def _explain_failure(rank: int, processes: int, failure: Any, logs: Path) -> tup
     who = f"training process {rank} of {processes} (pid {failure.pid})"
     if failure.exitcode < 0:
         name = failure.signal_name()
-        return f"{who} was killed by {name}; the others were stopped and nothing was written", ""
+        return f"{who} was killed by {name}; the others were stopped, and no model was written", ""
     files = sorted(logs.glob(f"*/attempt_*/{failure.local_rank}/stderr.log"))
     output = "".join(path.read_text(errors="replace") for path in files)
     if isinstance(message, dict):
