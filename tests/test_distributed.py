@@ -32,7 +32,7 @@ from stages.core.model import architecture_for, init_model
 from stages.core.splits import Meta
 from stages.core.training import batch_loss, batches, make_optimizer, train_epoch
 from stages.params import parse_section
-from stages.train import TrainParams, world_of
+from stages.train import TrainParams, place, world_of
 
 META = Meta(dataset="digits", classes=tuple("0123456789"), image_shape=(28, 28), sizes={"train": 1}, mean=0.25, std=0.5)
 TWO = {"train.processes": 2, "train.threads": 1}  # two processes on a 2-core machine: a thread each
@@ -98,6 +98,11 @@ def test_processes_need_a_device_they_can_share(monkeypatch: pytest.MonkeyPatch)
     with pytest.raises(SettingError, match=r"^4 processes here need 4 GPUs, this machine has 2$"):
         process_device(torch.device("cuda"), 4, None)
     assert process_device(torch.device("cuda"), 4, World(3, 4, 1, 2)) == torch.device("cuda:1")
+    # Through the stage's params: refused before any process starts, with the key and the fix.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    message = "train.processes: 4 processes here need 4 GPUs, this machine has 2; lower train.processes, or change"
+    with pytest.raises(StageError, match=rf"^{message} train\.device$"):
+        place(params(processes=4, device="cuda"), None)
 
 
 def test_processes_must_be_the_ones_torchrun_started(monkeypatch: pytest.MonkeyPatch) -> None:
