@@ -23,8 +23,9 @@ pipeline: setup system-packages ascii-cache
 check: lint
 	$(PYTHON) -m pytest -m "not ($(NOT_QUICK))"
 
+# One pytest worker per CPU (pytest-xdist): most tests wait on subprocesses that use one core each.
 test: lint test-system-packages ascii-cache
-	$(PYTHON) -m pytest
+	$(PYTHON) -m pytest -n logical --dist loadgroup
 
 lint: setup-test
 	$(PYTHON) -m ruff check .

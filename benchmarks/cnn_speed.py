@@ -2,7 +2,7 @@
 
 Run by hand after `dvc repro preprocess` (it reads data/raw and data/processed), never in CI:
 
-    python -m benchmarks.cnn_speed [--example-epochs 3] [--threads 2]
+    python -m benchmarks.cnn_speed [--example-epochs 3] [--threads 2] [--device cuda] [--precision bf16]
 
 (a) pytorch/examples mnist/main.py as published: its Net (two 3x3 convolutions, max-pool, dropout, two
     linear layers), torchvision's FashionMNIST through a DataLoader of batch 64 with ToTensor and
@@ -15,6 +15,8 @@ Run by hand after `dvc repro preprocess` (it reads data/raw and data/processed),
     forward and backward, 55,000 images, at this machine's fp32 matmul rate measured here.
 
 Ratios: (a) time to 0.91 test accuracy / (b) time to 0.91 (target >= 5); (c) epoch / floor (target <= 1.5).
+On CUDA, (a) uses the example's accelerator settings (shuffle, one loader worker, pinned memory) and stays
+fp32 as published; --precision sets (b)'s and (c)'s autocast and the matmul rate (c) is measured at.
 """
 
 from __future__ import annotations
@@ -29,12 +31,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from tests.helpers import RECIPES
+
 TARGET = 0.91
 RAW = Path("data/raw")
 PROCESSED = Path("data/processed")
 NET_FLOP = 72e6  # forward + backward of the example's Net, per image (README, Models)
-# The README's cnn one-liner, as train params (tests/test_real_dataset.py holds the README to it).
-CNN_RECIPE = {"model": "cnn", "lr": 0.003, "batch_size": 128, "epochs": 8}
 
 
 def example_net():
@@ -63,7 +65,7 @@ def example_net():
     return Net()
 
 
-def example(epochs: int, threads: int) -> dict:
+def example(epochs: int, threads: int, device: str) -> dict:
     """(a) The published loop: DataLoader over per-image PIL -> ToTensor -> Normalize."""
     import torch
     import torch.nn.functional as F
@@ -82,9 +84,10 @@ def example(epochs: int, threads: int) -> dict:
         transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))])
         train = datasets.FashionMNIST(root, train=True, download=False, transform=transform)
         test = datasets.FashionMNIST(root, train=False, download=False, transform=transform)
-        train_loader = DataLoader(train, batch_size=64)
-        test_loader = DataLoader(test, batch_size=1000)
-        model = example_net()
+        accelerator = {"num_workers": 1, "pin_memory": True, "shuffle": True} if device != "cpu" else {}
+        train_loader = DataLoader(train, batch_size=64, **accelerator)
+        test_loader = DataLoader(test, batch_size=1000, **accelerator)
+        model = example_net().to(device)
         optimizer = torch.optim.Adadelta(model.parameters(), lr=1.0)
         scheduler = StepLR(optimizer, step_size=1, gamma=0.7)
         elapsed, curve, reached = 0.0, [], None
@@ -92,13 +95,16 @@ def example(epochs: int, threads: int) -> dict:
             start = time.perf_counter()
             model.train()
             for data, target in train_loader:
+                data, target = data.to(device), target.to(device)
                 optimizer.zero_grad()
                 loss = F.nll_loss(model(data), target)
                 loss.backward()
                 optimizer.step()
             model.eval()
             with torch.no_grad():
-                correct = sum((model(data).argmax(1) == target).sum().item() for data, target in test_loader)
+                correct = sum(
+                    (model(data.to(device)).argmax(1) == target.to(device)).sum().item() for data, target in test_loader
+                )
             scheduler.step()
             elapsed += time.perf_counter() - start  # its test pass is part of its loop, as published
             curve.append(round(correct / len(test), 4))
@@ -107,29 +113,31 @@ def example(epochs: int, threads: int) -> dict:
     return {"epoch_s": elapsed / epochs, "to_target_s": reached, "curve": curve}
 
 
-def project(threads: int) -> dict:
+def project(threads: int, device: str, precision: str) -> dict:
     """(b) The cnn recipe through stages.core.training.fit; test accuracy per epoch, measured outside the clock."""
     import torch
 
     from stages.core.model import architecture_for, init_model
-    from stages.core.runtime import make_deterministic, set_cpu_threads
+    from stages.core.runtime import autocast_for, make_deterministic, set_cpu_threads
     from stages.core.splits import load_split, read_meta
     from stages.core.training import fit, predict, score
     from stages.params import parse_section, read_params_file
     from stages.train import TrainParams
 
-    section = read_params_file(Path("params.yaml"))["train"] | CNN_RECIPE | {"threads": threads}
-    params = parse_section("train", section, TrainParams)
+    run = {"threads": threads, "device": device, "precision": precision}
+    recipe = RECIPES["cnn"][0]  # the README's one-liner
+    params = parse_section("train", read_params_file(Path("params.yaml"))["train"] | recipe | run, TrainParams)
     make_deterministic(params.tf32)
     set_cpu_threads(params.threads)
-    cpu = torch.device("cpu")
+    on = torch.device(device)
     meta = read_meta(PROCESSED)
-    train_set, val_set = load_split(PROCESSED, "train", cpu), load_split(PROCESSED, "val", cpu)
-    test_images, test_labels = load_split(PROCESSED, "test", cpu)
-    model = init_model(architecture_for(params.model, params.hidden, meta, params.channels), params.seed, cpu)
+    train_set, val_set = load_split(PROCESSED, "train", on), load_split(PROCESSED, "val", on)
+    test_images, test_labels = load_split(PROCESSED, "test", on)
+    model = init_model(architecture_for(params.model, params.hidden, meta, params.channels), params.seed, on)
     curve, times, elapsed = [], [], 0.0
     start = time.perf_counter()
-    for _ in fit(model, train_set, val_set, params):
+    for _ in fit(model, train_set, val_set, params, autocast_for(on, precision)):
+        synchronize(on)
         elapsed += time.perf_counter() - start
         times.append(elapsed)
         curve.append(round(score(predict(model, test_images), test_labels).accuracy, 4))  # off the clock
@@ -138,43 +146,58 @@ def project(threads: int) -> dict:
     return {"epoch_s": times[-1] / len(times), "to_target_s": reached, "curve": curve}
 
 
-def floor(threads: int) -> dict:
+def synchronize(device) -> None:
+    """Wait for the GPU's queued work, so that the clock measures it (a no-op on the CPU)."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def floor(threads: int, device: str, precision: str) -> dict:
     """(c) The example's Net trained the project's way for one epoch, and this machine's matmul rate."""
     import torch
     import torch.nn.functional as F
 
-    from stages.core.runtime import make_deterministic, set_cpu_threads
+    from stages.core.runtime import autocast_for, make_deterministic, set_cpu_threads
     from stages.core.splits import load_split, read_meta
     from stages.core.training import epoch_order, make_optimizer
 
     make_deterministic()
     set_cpu_threads(threads)
-    size = 2048
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    on = torch.device(device)
+    # The matmul rate at the precision trained in; large enough to reach the device's peak.
+    size = 2048 if on.type == "cpu" else 8192
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a, b = torch.randn(size, size, device=on, dtype=dtype), torch.randn(size, size, device=on, dtype=dtype)
     a @ b
     runs = []
     for _ in range(5):
+        synchronize(on)
         start = time.perf_counter()
         a @ b
+        synchronize(on)
         runs.append(time.perf_counter() - start)
     rate = 2 * size**3 / min(runs)  # FLOP/s
 
-    cpu = torch.device("cpu")
     meta = read_meta(PROCESSED)
-    images, labels = load_split(PROCESSED, "train", cpu)
+    images, labels = load_split(PROCESSED, "train", on)
     torch.manual_seed(0)
-    net = example_net()
+    net = example_net().to(on)
     scale, shift = 1 / (255 * meta.std), -meta.mean / meta.std
     optimizer = make_optimizer("adam", net.parameters(), lr=1e-3, momentum=0.0, weight_decay=0.0)
-    order = epoch_order(len(images), torch.Generator().manual_seed(0), cpu)
+    order = epoch_order(len(images), torch.Generator().manual_seed(0), on)
     net.train()
+    synchronize(on)
     start = time.perf_counter()
     for batch in order.split(128):
         inputs = images.index_select(0, batch).unsqueeze(1).float() * scale + shift
-        loss = F.nll_loss(net(inputs), labels.index_select(0, batch))
+        with autocast_for(on, precision):
+            loss = F.nll_loss(net(inputs).float(), labels.index_select(0, batch))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+    synchronize(on)
     epoch_s = time.perf_counter() - start
     return {"epoch_s": epoch_s, "floor_s": NET_FLOP * len(images) / rate, "gflops": rate / 1e9}
 
@@ -201,25 +224,32 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--example-epochs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="(b) and (c) only")
     args = parser.parse_args()
     if not (PROCESSED / "train.safetensors").exists() or not (RAW / "dataset.json").exists():
         sys.exit("run `dvc repro preprocess` first: this reads data/raw and data/processed")
     print(f"load average at the start: {', '.join(f'{x:.1f}' for x in os.getloadavg())} ({os.cpu_count()} cores)")
-    a = measure("example", epochs=args.example_epochs, threads=args.threads)
-    b = measure("project", threads=args.threads)
-    c = measure("floor", threads=args.threads)
+    on = {"threads": args.threads, "device": args.device}
+    print(f"device {args.device}, (b) and (c) in {args.precision}")
+    # --example-epochs 0 skips (a), for a second precision on the same machine.
+    a = measure("example", epochs=args.example_epochs, **on) if args.example_epochs else None
+    b = measure("project", precision=args.precision, **on)
+    c = measure("floor", precision=args.precision, **on)
     for name, r in (("(a) pytorch/examples", a), ("(b) project cnn", b)):
+        if r is None:
+            continue
         to_target = f"{r['to_target_s']:.1f} s" if r["to_target_s"] is not None else "not reached"
         print(
             f"{name:22s} {r['epoch_s']:6.1f} s/epoch, {TARGET} after {to_target}; test accuracy per epoch {r['curve']}"
         )
     print(
         f"(c) the example's Net, the project's way: {c['epoch_s']:.1f} s/epoch; compute floor {c['floor_s']:.1f} s "
-        f"(72 MFLOP x 55,000 images at {c['gflops']:.0f} GFLOP/s: 2048^2 fp32 matmul, {args.threads} threads)"
+        f"(72 MFLOP x 55,000 images at {c['gflops']:.0f} GFLOP/s: a square {args.precision} matmul on {args.device})"
     )
-    if a["to_target_s"] and b["to_target_s"]:
+    if a is not None and a["to_target_s"] and b["to_target_s"]:
         print(f"time to {TARGET}, (a)/(b): {a['to_target_s'] / b['to_target_s']:.1f}x  (target >= 5x)")
-    else:
+    elif a is not None:
         print(f"time to {TARGET}, (a)/(b): not comparable, a variant did not reach {TARGET}")
     print(f"epoch / compute floor, (c): {c['epoch_s'] / c['floor_s']:.2f}x  (target <= 1.5x)")
     print(f"load average at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())}")

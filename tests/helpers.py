@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 import yaml
 
+from stages import numerics
+
 PROJECT = Path(__file__).resolve().parent.parent
 PYTHON_BIN = str(Path(sys.executable).parent)  # the venv's bin: `python` and `dvc` in dvc.yaml resolve here
 TINY = "tiny"  # the dataset name the tests register in a project copy
@@ -178,9 +180,24 @@ def stop_workers(project: Path) -> None:
         time.sleep(2)
 
 
-def copy_project(destination: Path) -> Path:
+# The README's one-line recipes (Models) as train params, with the test accuracy each must reach on
+# Fashion-MNIST: the mlp above the paper's MLPClassifier (0.870), the cnn among the fashion-mnist benchmark
+# table's small CNNs (0.90-0.93). tests/test_real_dataset.py holds the README and the models to them.
+RECIPES = {
+    "mlp": ({"model": "mlp", "lr": 0.003, "epochs": 15}, 0.88),
+    "cnn": ({"model": "cnn", "lr": 0.005, "batch_size": 128, "epochs": 5}, 0.92),
+}
+
+
+def recipe_line(model: str) -> str:
+    """The README's line for `model`'s recipe."""
+    return "dvc exp run " + " ".join(f"-S train.{key}={value}" for key, value in RECIPES[model][0].items())
+
+
+def copy_project(destination: Path, keep_results: bool = False) -> Path:
     """Copy the project's tracked and untracked-but-not-ignored files, as a fresh clone would have them, less
-    the committed results (dvc.lock, metrics/) of the real dataset, so that nothing stale is taken for output."""
+    the committed results (dvc.lock, metrics/) of the real dataset unless `keep_results`, so that nothing
+    stale is taken for output."""
     listed = subprocess.run(
         ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
         cwd=PROJECT,
@@ -194,8 +211,9 @@ def copy_project(destination: Path) -> Path:
             target = destination / relative
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, target)
-    (destination / "dvc.lock").unlink(missing_ok=True)
-    shutil.rmtree(destination / "metrics", ignore_errors=True)
+    if not keep_results:
+        (destination / "dvc.lock").unlink(missing_ok=True)
+        shutil.rmtree(destination / "metrics", ignore_errors=True)
     return destination
 
 
@@ -226,3 +244,20 @@ def make_tiny_project(root: Path) -> Path:
     register_dataset(project, TINY, write_dataset(root / "mirror"))
     set_params(project, **TINY_PARAMS)
     return init_repo(project, "tiny project")
+
+
+# Loaded first, torch has the CPU's own numerics: the stage then runs as it did before the pin.
+UNPINNED = ["-c", "import runpy, sys, torch; runpy.run_module(sys.argv.pop(1), run_name='__main__', alter_sys=True)"]
+
+
+def run_stage(project: Path, module: str, *args: str, variant: dict[str, str], pinned: bool = True) -> None:
+    """Run a stage CLI with `variant` as its only numerics variables; unpinned, the pin does not apply."""
+    env = project_env()
+    for name in (*numerics.PINNED, "MKL_ENABLE_INSTRUCTIONS"):
+        env.pop(name, None)
+    env.update(variant)
+    launcher = ["-m"] if pinned else UNPINNED
+    result = subprocess.run(
+        [sys.executable, *launcher, module, *args], cwd=project, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -56,14 +57,10 @@ def fingerprint(project: Path) -> dict[str, str]:
 
 
 def stage_command(project: Path, stage: str) -> list[str]:
-    return (
-        yaml.safe_load((project / "dvc.yaml").read_text())["stages"][stage]["cmd"]
-        .replace("${raw}", "data/raw")
-        .replace("${processed}", "data/processed")
-        .replace("${models}", "models")
-        .replace("${report}", "metrics")
-        .split()
-    )
+    """The stage's command as `dvc repro` runs it: dvc.yaml's cmd with its `vars` filled in."""
+    spec = yaml.safe_load((project / "dvc.yaml").read_text())
+    values = {name: value for block in spec["vars"] for name, value in block.items()}
+    return re.sub(r"\$\{(\w+)\}", lambda match: str(values[match[1]]), spec["stages"][stage]["cmd"]).split()
 
 
 def one_line_error(result: subprocess.CompletedProcess, starts: str) -> str:

@@ -146,42 +146,50 @@ def all_reduce_sum(tensor: torch.Tensor, world: World) -> torch.Tensor:
     return _AllReduceSum.apply(tensor) if world.size > 1 else tensor
 
 
-class GlobalBatchNorm(nn.BatchNorm2d):
-    """BatchNorm2d over the global batch, for CPU processes (torch's SyncBatchNorm runs on GPUs only).
+class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """Batch norm over the global batch, for CPU processes (torch's SyncBatchNorm runs on GPUs only).
 
-    In training, each rank sums its part per channel; the sums over all ranks give the global batch's mean
-    and (biased) variance, which normalise, and whose unbiased variance moves the running statistics, as
-    BatchNorm2d does on the whole batch in one process. Evaluation uses the running statistics: BatchNorm2d.
+    In training, each rank sums its part per channel (dimension 1 of (N, C, ...) inputs, as BatchNorm1d and
+    BatchNorm2d take them); the sums over all ranks give the global batch's mean and (biased) variance,
+    which normalise, and whose unbiased variance moves the running statistics, as batch norm does on the
+    whole batch in one process. Evaluation uses the running statistics, as batch norm does.
     """
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2 dimensions (N, C, ...), got {x.dim()}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
         world = World(dist.get_rank(), dist.get_world_size())
-        dims = (0, 2, 3)  # x: (B, C, H, W); statistics per channel C
+        dims = [0, *range(2, x.dim())]  # all but the channels
+        shape = [1, -1] + [1] * (x.dim() - 2)  # a per-channel vector, broadcast over the input
         count = x.new_tensor([x.numel() // x.shape[1]])
         totals = all_reduce_sum(torch.cat([x.sum(dims), count]), world)  # (C + 1,): sums, then the count
         n = totals[-1]
         mean = totals[:-1] / n
-        centred = x - mean[None, :, None, None]
+        centred = x - mean.view(shape)
         var = all_reduce_sum((centred * centred).sum(dims), world) / n  # two passes: no cancellation
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
-                self.running_mean.lerp_(mean, self.momentum)
-                self.running_var.lerp_(var * n / (n - 1), self.momentum)
+                # momentum None: the cumulative average, as batch norm keeps it then
+                factor = self.momentum if self.momentum is not None else 1 / self.num_batches_tracked.item()
+                self.running_mean.lerp_(mean, factor)
+                self.running_var.lerp_(var * n / (n - 1), factor)
         scale = torch.rsqrt(var + self.eps) * self.weight
-        return centred * scale[None, :, None, None] + self.bias[None, :, None, None]
+        return centred * scale.view(shape) + self.bias.view(shape)
 
 
 def synchronised_batch_norm(model: nn.Module, device: torch.device) -> nn.Module:
-    """`model` with every BatchNorm2d computing its statistics over the global batch: torch's SyncBatchNorm on
+    """`model` with every batch norm computing its statistics over the global batch: torch's SyncBatchNorm on
     GPUs, GlobalBatchNorm on CPUs. The parameters and buffers are the same tensors, so the state_dict (and
-    the saved model: plain BatchNorm2d) is unchanged."""
+    the saved model, whose card rebuilds plain batch norms) is unchanged."""
     if device.type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
     for name, child in model.named_children():
-        if type(child) is nn.BatchNorm2d:
+        if type(child) in (nn.BatchNorm1d, nn.BatchNorm2d):
             replacement = GlobalBatchNorm(child.num_features, child.eps, child.momentum)
             replacement.weight, replacement.bias = child.weight, child.bias
             for buffer in ("running_mean", "running_var", "num_batches_tracked"):

@@ -49,11 +49,6 @@ def make_deterministic(tf32: bool = False) -> None:
     # uninitialised memory that no kernel here does; it was 11% of a training step (17 fills per step).
     torch.utils.deterministic.fill_uninitialized_memory = False
     torch.backends.cudnn.benchmark = False
-    # CPU convolutions through ATen's im2col + MKL GEMM (pinned by MKL_CBWR, stages/numerics.py), not oneDNN:
-    # oneDNN can pick its convolution blocking, and with it the order of the weight-gradient sums, from the
-    # CPU's cache sizes (its gemm- and brgemm-based convolutions consult them), which no variable pins.
-    # The price, measured for the cnn: README, Models.
-    torch.backends.mkldnn.enabled = False
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
 
