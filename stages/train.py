@@ -21,7 +21,16 @@ import torch
 from stages.cli import StageError, argument_parser, explained, numerics_in_effect, run, warn
 from stages.core.artifacts import atomic_directory
 from stages.core.contract import Stopped
-from stages.core.distributed import SINGLE, World, guard_worker, joined, launch, process_device, world_from_environment
+from stages.core.distributed import (
+    SINGLE,
+    World,
+    from_rank_zero,
+    guard_worker,
+    joined,
+    launch,
+    process_device,
+    world_from_environment,
+)
 from stages.core.files import TRAINING_LOG
 from stages.core.model import Card, architecture_for, init_model, save_model
 from stages.core.resume import Checkpoint, input_key
@@ -73,9 +82,10 @@ def main() -> None:
     architecture = architecture_for(params.model, params.hidden, meta, params.channels)
     model = init_model(architecture, params.seed, device)
     checkpoint, resume = open_checkpoint(args.resume, params, args.data, world)
-    train = functools.partial(train_best, model, train_set, val_set, params, autocast, resume=resume, world=world)
     diverged = f"lower train.lr (now {params.lr}); nothing was written"
     with joined(world, device, args.peer_timeout), explained("train.lr", fix=diverged):
+        resume = from_rank_zero(resume, world)  # every process continues from the state rank 0 found
+        train = functools.partial(train_best, model, train_set, val_set, params, autocast, resume=resume, world=world)
         if world.rank > 0:  # trains its part of each batch; rank 0 reports, saves the state, writes the model
             train(report=lambda log: None)
             return
@@ -152,12 +162,13 @@ def open_checkpoint(
     folder: Path | None, params: TrainParams, data: Path, world: World
 ) -> tuple[Checkpoint | None, dict | None]:
     """The state folder of this run's exact inputs (none without --resume), and what an interrupted run of
-    the same inputs saved there (every process loads it; rank 0 alone saves)."""
-    if folder is None:
+    the same inputs saved there. Rank 0's alone: it saves the state, and sends it to the other processes,
+    which may run on machines that have no such folder."""
+    if folder is None or world.rank > 0:
         return None, None
     checkpoint = Checkpoint(folder / input_key(params.model_dump(mode="json"), data))
     resume = checkpoint.load()
-    if resume and world.rank == 0:
+    if resume:
         done = len(resume["history"])
         print(f"train: resuming after epoch {done} of {params.epochs} (state in {checkpoint.folder})", flush=True)
     return checkpoint, resume

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import inspect
 import logging
 import os
 import signal
@@ -124,6 +125,15 @@ def joined(world: World, device: torch.device, timeout_s: float) -> Iterator[Non
         dist.destroy_process_group()
 
 
+def from_rank_zero(value: Any, world: World) -> Any:
+    """`value` as rank 0 has it, on every rank (pickled through the process group); `value` for one process."""
+    if world.size == 1:
+        return value
+    box = [value if world.rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 class _AllReduceSum(torch.autograd.Function):
     """all_reduce(SUM) that gradients flow through: the gradient of a sum every rank sees is the sum of
     the gradients every rank sends back."""
@@ -210,11 +220,11 @@ def data_parallel(model: nn.Module, world: World) -> nn.Module:
         return model
     device = next(model.parameters()).device
     synchronised_batch_norm(model, device)
-    # broadcast_buffers=False: the ranks' buffers are equal already (the normalisation constants, and
-    # running statistics computed from the same global sums), so a broadcast before each step would be waste.
-    return nn.parallel.DistributedDataParallel(
-        model, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False
-    )
+    # No buffer broadcast before each step: the ranks' buffers are equal already (the normalisation constants,
+    # and running statistics computed from the same global sums). Newer torch names the switch differently.
+    parameters = inspect.signature(nn.parallel.DistributedDataParallel).parameters
+    no_sync = {"forward_sync_buffers" if "forward_sync_buffers" in parameters else "broadcast_buffers": False}
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None, **no_sync)
 
 
 def guard_worker() -> None:
