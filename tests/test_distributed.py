@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,7 +27,7 @@ import yaml
 from helpers import dvc, make_tiny_project, project_env, run, set_params, stages_run, synthetic_split
 
 from stages.cli import StageError
-from stages.core.distributed import SINGLE, World, data_parallel, joined, process_device, shard
+from stages.core.distributed import LOGS, SINGLE, World, data_parallel, joined, process_device, shard
 from stages.core.errors import SettingError
 from stages.core.model import architecture_for, init_model
 from stages.core.splits import Meta
@@ -321,14 +322,19 @@ def test_a_killed_repro_resumes_two_processes_to_the_bytes_of_an_uninterrupted_r
     try:
         started = read_until(process, f"train: epoch 2/{EPOCHS}")
         training = ranks(started)
+        launcher = training["0"].ppid()
     finally:
         with contextlib.suppress(ProcessLookupError):  # dvc and the launcher, as an OOM killer would
             os.killpg(process.pid, signal.SIGKILL)
         process.communicate(timeout=60)
     assert sorted(training) == ["0", "1"]
-    # The training processes, in sessions of their own, end with their launcher (parent-death signal).
+    # The training processes, in sessions of their own, end with their launcher (parent-death signal), and
+    # rank 0 removes its temporary model folder (their SIGTERM is an exit, not a death).
     _, alive = psutil.wait_procs(started, timeout=30)
     assert alive == []
+    assert not list(project.glob(".tmp-*"))
+    logs = list(Path(tempfile.gettempdir()).glob(f".tmp-{LOGS}.{launcher}.*"))
+    assert len(logs) == 1  # the killed launcher's folder of logs, until the next launch
     states = list((project / ".dvc" / "tmp" / "train-resume").glob("*/state.pt"))
     assert len(states) == 1
 
@@ -337,6 +343,7 @@ def test_a_killed_repro_resumes_two_processes_to_the_bytes_of_an_uninterrupted_r
     done = [int(line.split()[4]) for line in resumed.stdout.splitlines() if line.startswith("train: resuming after")]
     assert len(done) == 1 and 2 <= done[0] < EPOCHS, resumed.stdout
     assert not states[0].exists()
+    assert not logs[0].exists()
     assert model_files(project) == two_processes.files
 
 

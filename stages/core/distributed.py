@@ -32,9 +32,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from stages.core.artifacts import scratch_folder
 from stages.core.errors import CoreError, SettingError
 
 ADDRESS = "127.0.0.1"  # where `launch`'s processes meet: this machine only
+LOGS = "train-processes"  # the name of `launch`'s temporary folder
 # The elastic agent's loggers: their lines (a process closing, a failure, with a traceback) would follow
 # the stage's own one-line error.
 LAUNCHER_LOGGERS = ("torch.distributed.elastic", "torch.distributed.launcher")
@@ -257,7 +259,9 @@ def launch(processes: int, argv: list[str]) -> None:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    with tempfile.TemporaryDirectory(prefix="train-processes-") as logs, _launcher_silenced():
+    # The processes' stderr and error files, in the temporary directory: `.tmp-train-processes.<pid>.<random>`,
+    # which a later launch removes if this process was killed before it could.
+    with scratch_folder(Path(tempfile.gettempdir()), LOGS) as logs, _launcher_silenced():
         config = LaunchConfig(
             min_nodes=1,
             max_nodes=1,
@@ -274,7 +278,7 @@ def launch(processes: int, argv: list[str]) -> None:
             elastic_launch(config, sys.executable)(*argv)
         except ChildFailedError as failed:
             rank, failure = _first_failure(failed.failures)
-            message, output = _explain_failure(rank, processes, failure, Path(logs))
+            message, output = _explain_failure(rank, processes, failure, logs)
             if output:
                 sys.stderr.write(output)  # the failed process's own traceback, as a bug's deserves
             raise ProcessesFailed(message) from None
