@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import platform
 import sys
+import time
+import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -97,6 +100,9 @@ def run(main: Callable[[], None]) -> None:
         fail(f"{error.filename}: {error.strerror}; free space or fix the permissions there, then rerun")
     except KeyboardInterrupt:
         sys.exit(130)
+    except Exception as error:  # a bug: its traceback follows; a training process tells its launcher first
+        record_failure(f"{type(error).__name__}: {error}", traceback.format_exc())
+        raise
 
 
 def prog() -> str:
@@ -138,8 +144,13 @@ def numerics_in_effect() -> dict[str, str | None]:
 
 
 def fail(message: str) -> None:
-    """Print the one line, after putting back what DVC deleted, and exit 1."""
-    restored = restore_outputs()
+    """Print the one line, after putting back what DVC deleted, and exit 1.
+
+    One of several training processes leaves both to the process that started them (`python -m
+    stages.train`'s launcher, or torchrun), which DVC ran: it records the line for it instead.
+    """
+    record_failure(message)
+    restored = [] if "WORLD_SIZE" in os.environ else restore_outputs()
     kept = f" (the previous {', '.join(restored)} restored from DVC's cache)" if restored else ""
     print(f"{prog()}: error: {message}{kept}", file=sys.stderr)
     sys.exit(1)
@@ -169,3 +180,24 @@ def restore_outputs() -> list[str]:
     except Exception as error:  # never let the rescue hide the stage's own message
         print(f"warning: could not restore the previous outputs from DVC's cache ({error})", file=sys.stderr)
         return []
+
+
+def record_failure(message: str, traceback_text: str | None = None) -> None:
+    """Leave a training process's failure where the elastic agent that started it (the train stage's
+    launcher, or torchrun) reads it: the file TORCHELASTIC_ERROR_FILE names, in torchelastic's format.
+
+    A user error is its one line (a string message), which the launcher prints as its own; a crash is the
+    exception and its traceback (torchelastic's `@record` format), with the time it happened, so that the
+    launcher tells the crash that came first from the failures it caused in the other processes.
+    """
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    now = time.time()
+    if traceback_text is None:
+        record: dict = {"message": message, "timestamp": int(now)}
+    else:
+        info = {"py_callstack": traceback_text, "timestamp": str(int(now)), "time": now}
+        record = {"message": {"message": message, "extraInfo": info}}
+    with contextlib.suppress(OSError), open(path, "w", encoding="utf-8") as stream:
+        json.dump(record, stream)

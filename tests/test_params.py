@@ -38,6 +38,7 @@ def test_the_committed_params_parse(section: str) -> None:
         ("train", "lr", 0, "train.lr: must be > 0"),
         ("train", "lr", -0.1, "train.lr: must be > 0"),
         ("train", "epochs", 0, "train.epochs: must be >= 1"),
+        ("train", "processes", 0, "train.processes: must be >= 1 (1 = this process alone)"),
         ("train", "epochs", 2.5, "train.epochs: expected int, got 2.5"),
         ("train", "epochs", True, "train.epochs: expected int, got True"),
         ("train", "tf32", 1, "train.tf32: expected bool, got 1"),

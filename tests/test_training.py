@@ -40,6 +40,7 @@ PARAMS = {
     "early_stopping": 0,
     "seed": 0,
     "threads": 1,
+    "processes": 1,
     "device": "cpu",
     "precision": "fp32",
     "tf32": False,

@@ -72,6 +72,19 @@ def scratch_file(folder: Path, name: str) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
+def scratch_folder(folder: Path, name: str) -> Iterator[Path]:
+    """Yield an empty temporary folder in `folder`, deleted afterwards whatever happens; one that a killed run
+    left behind is deleted by the next run."""
+    ensure_folder(folder)
+    remove_stale_temporaries(folder, name)
+    temp = Path(tempfile.mkdtemp(prefix=_temp_prefix(name), dir=folder))
+    try:
+        yield temp
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@contextlib.contextmanager
 def atomic_directory(path: Path) -> Iterator[Path]:
     """Yield an empty temporary folder beside `path`; it replaces `path` if the block succeeds."""
     ensure_folder(path.parent)

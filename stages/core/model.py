@@ -77,7 +77,7 @@ class Conv3x3(nn.Module):
         shifted = [padded[:, row : row + height, column : column + width] for row in range(3) for column in range(3)]
         patches = torch.cat(shifted, dim=3).view(-1, 9 * channels)
         out = patches @ self.weight.permute(0, 2, 3, 1).flatten(1).T  # (B*H*W, Cout)
-        return out.view(batch, height, width, -1)
+        return out.view(batch, height, width, self.weight.shape[0])  # explicit: a batch may be empty (a rank's part)
 
 
 class ConvBlock(nn.Module):

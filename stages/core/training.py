@@ -19,9 +19,12 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from stages.core.contract import PREDICT_BATCH, Stopped
+from stages.core.distributed import SINGLE, World, all_reduce_sum, data_parallel, shard
 from stages.core.errors import SettingError
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # uint8 images (B, H, W), int64 labels (B,)
+# This process's part of a batch (all of it in one process), and the size of the whole batch.
+Part = tuple[torch.Tensor, torch.Tensor, int]
 
 
 class TrainConfig(BaseModel):
@@ -41,7 +44,8 @@ class TrainConfig(BaseModel):
     epochs: int
     early_stopping: int  # patience: stop when validation loss has not improved for this many epochs; 0 = off
     seed: int  # initial weights and shuffling
-    threads: int  # CPU threads for torch's ops; part of the recipe, as the float sums depend on it
+    threads: int  # CPU threads for torch's ops, per process; part of the recipe, as the float sums depend on it
+    processes: int  # processes training together, each on its part of every batch (torch.distributed)
     device: str  # auto | cpu | cuda | cuda:N | mps
     precision: Literal["fp32", "bf16", "fp16"]  # bf16/fp16 autocast on CUDA only
     tf32: bool  # allow TF32 matmuls on Ampere+ GPUs (faster, not bit-identical to fp32)
@@ -52,9 +56,13 @@ class TrainConfig(BaseModel):
         `hidden` and `channels` live in the architecture (empty where the model has none) and `device` as
         the device actually used, so
         a change that cannot change the weights (hidden sizes of a logreg, auto -> cpu on a CPU machine)
-        leaves the model's bytes, and so the evaluation, untouched.
+        leaves the model's bytes, and so the evaluation, untouched. `processes` is recorded only when
+        several trained the model, so that a one-process card keeps the bytes it had before the key.
         """
-        return self.model_dump(exclude={"model", "hidden", "channels", "device"})
+        recipe = self.model_dump(exclude={"model", "hidden", "channels", "device", "processes"})
+        if self.processes > 1:
+            recipe["processes"] = self.processes
+        return recipe
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,33 +148,56 @@ def epoch_order(num_images: int, generator: torch.Generator, device: torch.devic
     return torch.randperm(num_images, generator=generator).to(device, non_blocking=True)
 
 
-def batches(images: torch.Tensor, labels: torch.Tensor, order: torch.Tensor, batch_size: int) -> Iterator[Batch]:
-    """The images and labels in `order`, `batch_size` at a time (the last batch may be smaller)."""
+def batches(
+    images: torch.Tensor, labels: torch.Tensor, order: torch.Tensor, batch_size: int, world: World = SINGLE
+) -> Iterator[Part]:
+    """The images and labels in `order`, `batch_size` at a time (the last batch may be smaller): this
+    process's part of each batch (`shard`), and the size of the whole batch."""
     for batch in order.split(batch_size):
+        part = shard(batch, world)
         # index_select copies whole rows; images[batch] takes the generic (and here 10x slower) index path.
-        yield images.index_select(0, batch), labels.index_select(0, batch)
+        yield images.index_select(0, part), labels.index_select(0, part), len(batch)
+
+
+def batch_loss(
+    logits: torch.Tensor, targets: torch.Tensor, batch_size: int, processes: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss to backpropagate for this process's part of a batch of `batch_size`, and the sum of its
+    cross-entropies (for the epoch's mean).
+
+    One process: the batch's mean cross-entropy. Several: DistributedDataParallel averages their gradients,
+    so each part's summed cross-entropy is scaled by processes / batch_size, and the average is the gradient
+    of the mean over the whole batch, however unevenly the last batch is split (a part may be empty).
+    """
+    if processes == 1:
+        loss = F.cross_entropy(logits, targets)
+        return loss, loss.detach().float() * len(targets)
+    total = F.cross_entropy(logits, targets, reduction="sum")
+    return total * (processes / batch_size), total.detach().float()
 
 
 def train_epoch(
     model: nn.Module,
-    batches: Iterable[Batch],
+    batches: Iterable[Part],
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     *,
     autocast: contextlib.AbstractContextManager | None = None,
     scaler: torch.amp.GradScaler | None = None,
+    world: World = SINGLE,
 ) -> Scores:
-    """One pass over `batches`, one optimizer (and `scheduler`) step each; the mean loss and accuracy seen."""
+    """One pass over `batches`, one optimizer (and `scheduler`) step each; the mean loss and accuracy seen
+    (by all processes of `world`)."""
     model.train()
     device = next(model.parameters()).device
     # Running sums stay on the device: a .item() per step would synchronise CUDA every batch.
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     count = 0
-    for inputs, targets in batches:
+    for inputs, targets, batch_size in batches:
         with autocast or contextlib.nullcontext():
             logits = model(inputs)
-            loss = F.cross_entropy(logits, targets)
+            loss, summed = batch_loss(logits, targets, batch_size, world.size)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -177,9 +208,13 @@ def train_epoch(
             optimizer.step()
         if scheduler is not None:
             scheduler.step()
-        loss_sum += loss.detach().float() * len(targets)
+        loss_sum += summed
         correct += (logits.detach().argmax(1) == targets).sum()
         count += len(targets)
+    if world.size > 1:
+        counts = torch.tensor(float(count), dtype=torch.float64, device=device)
+        totals = all_reduce_sum(torch.stack([loss_sum.double(), correct.double(), counts]), world)
+        return Scores(totals[0].item() / totals[2].item(), totals[1].item() / totals[2].item())
     return Scores(loss_sum.item() / count, correct.item() / count)
 
 
@@ -190,11 +225,16 @@ def fit(
     config: TrainConfig,
     autocast: contextlib.AbstractContextManager | None = None,
     resume: dict[str, Any] | None = None,
+    world: World = SINGLE,
 ) -> Iterator[EpochScores]:
     """Train `model` in place for `config.epochs` epochs, yielding the train and validation scores of each.
 
     With `resume` (an EpochScores.state saved earlier), the model, optimiser, schedule and shuffle continue
     from there, and the epochs after it are the ones an uninterrupted run would have trained, bit for bit.
+
+    In a `world` of several processes, each runs this on its part of every batch through
+    DistributedDataParallel; all of them get the same scores (sums over all parts), so they agree on when
+    to stop.
 
     Raises SettingError when training diverges: checked once per epoch (a check per step would synchronise
     CUDA every batch), as NaN weights never recover and a model with NaN metrics must not pass for a result.
@@ -217,11 +257,12 @@ def fit(
             scaler.load_state_dict(resume["scaler"])
         shuffle.set_state(resume["shuffle"])
         first = resume["epoch"] + 1
+    network = data_parallel(model, world)  # `model` itself for one process
     for epoch in range(first, config.epochs + 1):
         order = epoch_order(len(images), shuffle, images.device)
-        train_batches = batches(images, labels, order, config.batch_size)
-        train = train_epoch(model, train_batches, optimizer, scheduler, autocast=autocast, scaler=scaler)
-        val = score(predict(model, val_set[0]), val_set[1])
+        train_batches = batches(images, labels, order, config.batch_size, world)
+        train = train_epoch(network, train_batches, optimizer, scheduler, autocast=autocast, scaler=scaler, world=world)
+        val = score(predict(model, val_set[0]), val_set[1]) if world.size == 1 else shared_score(model, val_set, world)
         if not (math.isfinite(train.loss) and math.isfinite(val.loss)):
             raise SettingError(f"training diverged in epoch {epoch} (loss {train.loss}, validation loss {val.loss})")
         state = {"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict()}
@@ -244,6 +285,17 @@ def score(logits: torch.Tensor, labels: torch.Tensor) -> Scores:
     loss = F.cross_entropy(logits, labels).item()
     accuracy = (logits.argmax(1) == labels).float().mean().item()
     return Scores(loss, accuracy)
+
+
+def shared_score(model: nn.Module, dataset: Batch, world: World) -> Scores:
+    """`score` of `model` on `dataset`, each process of `world` predicting its part: the same on all of them."""
+    images, labels = dataset
+    part = shard(torch.arange(len(images), device=images.device), world)
+    logits = predict(model, images.index_select(0, part))
+    correct = (logits.argmax(1) == labels.index_select(0, part)).sum().double()
+    loss = F.cross_entropy(logits, labels.index_select(0, part), reduction="sum").double()
+    loss, correct = all_reduce_sum(torch.stack([loss, correct]), world).tolist()
+    return Scores(loss / len(images), correct / len(images))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,12 +325,15 @@ def train_best(
     report: Callable[[EpochLog], None],
     resume: dict[str, Any] | None = None,
     save: Callable[[dict[str, Any]], None] | None = None,
+    world: World = SINGLE,
 ) -> Stopped:
     """`fit`, each epoch reported and (with `save`) its state saved before the next one starts; leaves the
     weights of the epoch with the lowest validation loss in `model` and says how training ended.
 
     `resume` is a state `save` was given by an interrupted run of the same inputs: its epochs are reported
-    again (seconds None) and training continues after them, to the bytes of an uninterrupted run.
+    again (seconds None) and training continues after them, to the bytes of an uninterrupted run. In a
+    `world` of several processes every one trains (and must be given the same `resume`); the caller gives
+    `report` and `save` to rank 0 alone.
     """
     best, history = BestEpoch(config.early_stopping), []
     if resume is not None:
@@ -288,7 +343,8 @@ def train_best(
             report(EpochLog(epoch, metrics, None))
     stop = best.stops_after(len(history))
     start = time.perf_counter()
-    for scores in [] if stop else fit(model, train_set, val_set, config, autocast, resume and resume["fit"]):
+    trained = [] if stop else fit(model, train_set, val_set, config, autocast, resume and resume["fit"], world)
+    for scores in trained:
         history.append(epoch_metrics(scores))
         stop = best.update(scores.epoch, scores.val.loss, model)
         if save is not None:

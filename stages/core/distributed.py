@@ -1,0 +1,342 @@
+"""Data-parallel training on several processes: torch.distributed, started through torchrun's own machinery.
+
+Every process (a "rank") holds the whole model and the whole dataset, draws each epoch's order from the
+same seeded generator, and takes its contiguous part of every global batch (`shard`).
+DistributedDataParallel averages the ranks' gradients, and the training loop scales each part's loss so
+that this average is the gradient of the mean over the whole batch, as one process computes it. So N
+processes take the steps one process takes, up to the order of the float sums. Rank 0 alone writes.
+
+The processes are started either by `launch` (this machine: torch's elastic agent, what
+`torchrun --standalone` runs), or by the user's own torchrun on several machines; either way each finds its
+place in the environment torchrun sets (`world_from_environment`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import inspect
+import logging
+import os
+import signal
+import sys
+import tempfile
+import uuid
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from stages.core.artifacts import scratch_folder
+from stages.core.errors import CoreError, SettingError
+
+ADDRESS = "127.0.0.1"  # where `launch`'s processes meet: this machine only
+LOGS = "train-processes"  # the name of `launch`'s temporary folder
+# The elastic agent's loggers: their lines (a process closing, a failure, with a traceback) would follow
+# the stage's own one-line error.
+LAUNCHER_LOGGERS = ("torch.distributed.elastic", "torch.distributed.launcher")
+
+
+@dataclasses.dataclass(frozen=True)
+class World:
+    """Where this process stands among the processes that train one model."""
+
+    rank: int = 0  # 0 .. size - 1; rank 0 writes
+    size: int = 1
+    local_rank: int = 0  # among the processes on this machine: picks its GPU
+    local_size: int = 1  # processes on this machine
+
+
+SINGLE = World()
+
+
+class ProcessesFailed(CoreError):
+    """A training process failed, or the processes did not all meet; the message is one line."""
+
+
+def world_from_environment() -> World | None:
+    """This process's place as torchrun (or `launch`) set it (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE);
+    None for a process that was not started by one."""
+    if "WORLD_SIZE" not in os.environ:
+        return None
+    size = int(os.environ["WORLD_SIZE"])
+    local_size = int(os.environ.get("LOCAL_WORLD_SIZE", size))
+    return World(int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", 0)), local_size)
+
+
+def process_device(device: torch.device, processes: int, world: World | None) -> torch.device:
+    """The device of this process: `device` for one process, one GPU per process (cuda:LOCAL_RANK) for several.
+
+    Checked in the process that launches the others too (world None), so that a machine with too few GPUs
+    is refused before anything starts.
+    """
+    if processes == 1:
+        return device
+    if device.type not in ("cpu", "cuda"):
+        raise SettingError(f"{processes} processes cannot share {device.type}; use cpu or cuda")
+    if device.type == "cpu":
+        return device
+    if device.index is not None:
+        raise SettingError(f"{device} is one GPU, and {processes} processes take one each; use cuda")
+    local = world.local_size if world else processes
+    count = torch.cuda.device_count()
+    if local > count:
+        raise SettingError(f"{local} processes here need {local} GPUs, this machine has {count}")
+    return torch.device("cuda", world.local_rank if world else 0)
+
+
+def shard(indices: torch.Tensor, world: World) -> torch.Tensor:
+    """This rank's part of a global batch: contiguous, the parts' sizes differing by at most one (a last
+    batch smaller than the number of ranks leaves some of them none)."""
+    return indices.tensor_split(world.size)[world.rank] if world.size > 1 else indices
+
+
+@contextlib.contextmanager
+def joined(world: World, device: torch.device, timeout_s: float) -> Iterator[None]:
+    """Join the process group of `world` (gloo on the CPU, NCCL on CUDA) for the block; nothing for one process.
+
+    `timeout_s` bounds the wait for the others, to join and at each exchange afterwards, so that a process
+    that never comes or hangs ends the run instead of holding the others forever.
+    """
+    if world.size == 1:
+        yield
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    try:
+        dist.init_process_group(
+            backend,
+            timeout=timedelta(seconds=timeout_s),
+            device_id=device if device.type == "cuda" else None,
+        )
+    except (RuntimeError, TimeoutError, ValueError) as error:  # DistStoreError, DistNetworkError: RuntimeErrors
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ProcessesFailed(
+            f"the {world.size} training processes did not all meet within {timeout_s:g} s ({detail}); "
+            "every one must be started, with the same rendezvous endpoint"
+        ) from None
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def from_rank_zero(value: Any, world: World) -> Any:
+    """`value` as rank 0 has it, on every rank (pickled through the process group); `value` for one process."""
+    if world.size == 1:
+        return value
+    box = [value if world.rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """all_reduce(SUM) that gradients flow through: the gradient of a sum every rank sees is the sum of
+    the gradients every rank sends back."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:
+        total = tensor.clone()
+        dist.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        total = grad.clone()
+        dist.all_reduce(total)
+        return total
+
+
+def all_reduce_sum(tensor: torch.Tensor, world: World) -> torch.Tensor:
+    """The sum of `tensor` over the ranks (the same bits on each), differentiable; `tensor` for one process."""
+    return _AllReduceSum.apply(tensor) if world.size > 1 else tensor
+
+
+class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """Batch norm over the global batch, for CPU processes (torch's SyncBatchNorm runs on GPUs only).
+
+    In training, each rank sums its part per channel (dimension 1 of (N, C, ...) inputs, as BatchNorm1d and
+    BatchNorm2d take them); the sums over all ranks give the global batch's mean and (biased) variance,
+    which normalise, and whose unbiased variance moves the running statistics, as batch norm does on the
+    whole batch in one process. Evaluation uses the running statistics, as batch norm does.
+    """
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2 dimensions (N, C, ...), got {x.dim()}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        world = World(dist.get_rank(), dist.get_world_size())
+        dims = [0, *range(2, x.dim())]  # all but the channels
+        shape = [1, -1] + [1] * (x.dim() - 2)  # a per-channel vector, broadcast over the input
+        count = x.new_tensor([x.numel() // x.shape[1]])
+        totals = all_reduce_sum(torch.cat([x.sum(dims), count]), world)  # (C + 1,): sums, then the count
+        n = totals[-1]
+        mean = totals[:-1] / n
+        centred = x - mean.view(shape)
+        var = all_reduce_sum((centred * centred).sum(dims), world) / n  # two passes: no cancellation
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                # momentum None: the cumulative average, as batch norm keeps it then
+                factor = self.momentum if self.momentum is not None else 1 / self.num_batches_tracked.item()
+                self.running_mean.lerp_(mean, factor)
+                self.running_var.lerp_(var * n / (n - 1), factor)
+        scale = torch.rsqrt(var + self.eps) * self.weight
+        return centred * scale.view(shape) + self.bias.view(shape)
+
+
+def synchronised_batch_norm(model: nn.Module, device: torch.device) -> nn.Module:
+    """`model` with every batch norm computing its statistics over the global batch: torch's SyncBatchNorm on
+    GPUs, GlobalBatchNorm on CPUs. The parameters and buffers are the same tensors, so the state_dict (and
+    the saved model, whose card rebuilds plain batch norms) is unchanged."""
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    for name, child in model.named_children():
+        if type(child) in (nn.BatchNorm1d, nn.BatchNorm2d):
+            replacement = GlobalBatchNorm(child.num_features, child.eps, child.momentum)
+            replacement.weight, replacement.bias = child.weight, child.bias
+            for buffer in ("running_mean", "running_var", "num_batches_tracked"):
+                setattr(replacement, buffer, getattr(child, buffer))
+            replacement.train(child.training)
+            setattr(model, name, replacement)
+        else:
+            synchronised_batch_norm(child, device)
+    return model
+
+
+def data_parallel(model: nn.Module, world: World) -> nn.Module:
+    """`model` wrapped in DistributedDataParallel for `world` (batch norm synchronised); `model` for one process.
+
+    The wrapper shares the model's parameters: train through it, evaluate and save `model` itself.
+    """
+    if world.size == 1:
+        return model
+    device = next(model.parameters()).device
+    synchronised_batch_norm(model, device)
+    # No buffer broadcast before each step: the ranks' buffers are equal already (the normalisation constants,
+    # and running statistics computed from the same global sums). Newer torch names the switch differently.
+    parameters = inspect.signature(nn.parallel.DistributedDataParallel).parameters
+    no_sync = {"forward_sync_buffers" if "forward_sync_buffers" in parameters else "broadcast_buffers": False}
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None, **no_sync)
+
+
+def guard_worker() -> None:
+    """Make a training process that a launcher started end cleanly and never outlive it.
+
+    SIGTERM (what the elastic agent sends the others when one fails) becomes SystemExit, so that `finally`
+    blocks remove the temporaries. The agent starts each process in a session of its own, so a SIGKILL of
+    the command's process group (an OOM killer, or `kill -9` on the pipeline) would leave it running: Linux's
+    parent-death signal sends it SIGTERM when its launcher dies.
+    """
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    if sys.platform.startswith("linux"):
+        parent = os.getppid()
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+        if os.getppid() != parent:  # the launcher died before the signal was armed
+            sys.exit(128 + signal.SIGTERM)
+
+
+def launch(processes: int, argv: list[str]) -> None:
+    """Run `python *argv` as `processes` processes on this machine, through torch's elastic agent (what
+    `torchrun --standalone --nproc-per-node N` runs), and wait for them.
+
+    A rendezvous on 127.0.0.1 and no restarts: the agent checks the processes every 0.1 s, and once one
+    fails it stops the others (SIGTERM, then SIGKILL after 30 s) and this raises ProcessesFailed, one line on
+    the failure that came first. The processes' stdout is this one's (rank 0 prints the progress); their
+    stderr goes to files, of which only the failed process's is shown, when it holds a traceback (a bug).
+    """
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException, Std
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    # The processes' stderr and error files, in the temporary directory: `.tmp-train-processes.<pid>.<random>`,
+    # which a later launch removes if this process was killed before it could.
+    with scratch_folder(Path(tempfile.gettempdir()), LOGS) as logs, _launcher_silenced():
+        config = LaunchConfig(
+            min_nodes=1,
+            max_nodes=1,
+            nproc_per_node=processes,
+            run_id=uuid.uuid4().hex,
+            rdzv_backend="c10d",
+            rdzv_endpoint=f"{ADDRESS}:0",  # a free port
+            local_addr=ADDRESS,
+            max_restarts=0,
+            monitor_interval=0.1,
+            logs_specs=DefaultLogsSpecs(log_dir=logs, redirects=Std.ERR),
+        )
+        try:
+            elastic_launch(config, sys.executable)(*argv)
+        except ChildFailedError as failed:
+            rank, failure = _first_failure(failed.failures)
+            message, output = _explain_failure(rank, processes, failure, logs)
+            if output:
+                sys.stderr.write(output)  # the failed process's own traceback, as a bug's deserves
+            raise ProcessesFailed(message) from None
+        except SignalException:  # the agent was told to stop (SIGINT, SIGTERM): it stopped the processes
+            raise KeyboardInterrupt from None
+
+
+@contextlib.contextmanager
+def _launcher_silenced() -> Iterator[None]:
+    loggers = [logging.getLogger(name) for name in LAUNCHER_LOGGERS]
+    saved = [(logger.propagate, logger.handlers[:]) for logger in loggers]
+    for logger in loggers:
+        logger.handlers = [logging.NullHandler()]
+        logger.propagate = False
+    try:
+        yield
+    finally:
+        for logger, (propagate, handlers) in zip(loggers, saved, strict=True):
+            logger.propagate, logger.handlers = propagate, handlers
+
+
+def _first_failure(failures: dict[int, Any]) -> tuple[int, Any]:
+    """The failure that caused the others: a process's own error line first (it ran into a user error);
+    then one killed by a signal other than the agent's SIGTERM; then the earliest crash it recorded."""
+
+    def cause(item: tuple[int, Any]) -> tuple[int, float, int]:
+        rank, failure = item
+        message = _recorded(failure)
+        if isinstance(message, str):
+            return 0, 0.0, rank
+        if failure.exitcode < 0 and failure.exitcode != -signal.SIGTERM:
+            return 1, failure.timestamp, rank
+        if isinstance(message, dict):
+            return 2, float(message.get("extraInfo", {}).get("time", failure.timestamp)), rank
+        return 3, failure.timestamp, rank
+
+    return min(failures.items(), key=cause)
+
+
+def _recorded(failure: Any) -> str | dict | None:
+    """What a failed process recorded in its error file (stages.cli.record_failure): its one line (a user
+    error), or its exception (a crash); None when it recorded nothing (killed, or died before it could)."""
+    if not os.path.isfile(failure.error_file):  # torchelastic's ProcessFailure says "<N/A>" then
+        return None
+    return failure.error_file_data.get("message")
+
+
+def _explain_failure(rank: int, processes: int, failure: Any, logs: Path) -> tuple[str, str]:
+    """The line for `failure`, and what to show before it (a crashed process's stderr)."""
+    message = _recorded(failure)
+    if isinstance(message, str):
+        return message, ""
+    who = f"training process {rank} of {processes} (pid {failure.pid})"
+    if failure.exitcode < 0:
+        name = failure.signal_name()
+        return f"{who} was killed by {name}; the others were stopped, and no model was written", ""
+    files = sorted(logs.glob(f"*/attempt_*/{failure.local_rank}/stderr.log"))
+    output = "".join(path.read_text(errors="replace") for path in files)
+    if isinstance(message, dict):
+        return f"{who} failed ({message.get('message', 'see above')}); the others were stopped", output
+    return f"{who} exited with status {failure.exitcode}; the others were stopped", output
