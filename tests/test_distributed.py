@@ -299,7 +299,10 @@ def test_a_killed_process_ends_the_stage_in_one_line_leaving_nothing_behind(proj
             os.killpg(process.pid, signal.SIGKILL)
     stderr = (tmp_path / "stderr").read_text()
     assert process.returncode != 0 and "Traceback" not in stderr, stderr
-    lines = [line for line in stderr.splitlines() if line.startswith("train:")]
+    # Besides DVC's own line (`ERROR: failed to reproduce 'train': ...`) and warnings (a machine with fewer
+    # cores), the stage's one line: nothing from torch's elastic agent or the other process.
+    ours = [line for line in stderr.splitlines() if line.strip() and not line.startswith("ERROR: failed to reproduce")]
+    lines = [line for line in ours if not line.startswith("train: warning: ")]
     assert len(lines) == 1, stderr
     assert lines[0].startswith("train: error: training process 1 of 2 (pid ")
     assert lines[0].endswith(
