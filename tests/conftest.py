@@ -109,3 +109,8 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
         return (yield)
     finally:
         subprocess.Popen.__init__ = original
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The `slow` tests first: under `pytest -n` their file (one worker's long job) then overlaps the rest."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -26,7 +26,6 @@ TWO_PROCESSES = {"train.processes": 2, "train.threads": 1}
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.e2e,
-    pytest.mark.xdist_group("real-data"),  # with `pytest -n`: one worker, so the checkout is made once
     pytest.mark.skipif(
         not DEBIAN_MIRROR.is_dir(), reason="needs Debian's dataset-fashion-mnist (make test installs it via apt)"
     ),
@@ -35,9 +34,10 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def checkout(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """This checkout's files with its committed results, committed into a fresh repository, after `dvc repro`."""
+    """This checkout's files with its committed results, committed into a fresh repository, after
+    `dvc repro --force` (without it, evaluate would rightly be skipped: its outputs are the committed ones)."""
     project = init_repo(copy_project(tmp_path_factory.mktemp("real") / "a fresh clone, ü", keep_results=True), "clone")
-    first = dvc(project, "repro", timeout=1200)
+    first = dvc(project, "repro", "--force", timeout=1200)
     assert stages_run(first) == ["download", "preprocess", "train", "evaluate"]
     return project
 
