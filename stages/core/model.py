@@ -24,23 +24,32 @@ from stages.core.files import CARD, META, WEIGHTS
 from stages.core.splits import Meta
 
 
+def relu_mlp(widths: list[int]) -> nn.Sequential:
+    """Linear layers between consecutive `widths`, a ReLU between each two."""
+    layers: list[nn.Module] = []
+    for index, (width_in, width_out) in enumerate(itertools.pairwise(widths)):
+        if index:
+            layers.append(nn.ReLU())
+        layers.append(nn.Linear(width_in, width_out))
+    return nn.Sequential(*layers)
+
+
+def register_normalisation(module: nn.Module, architecture: Architecture) -> None:
+    """`scale` and `shift` with pixel * scale + shift = (pixel / 255 - mean) / std; not saved with the weights
+    (the card holds mean and std), so they are non-persistent buffers that follow .to(device)."""
+    mean, std = architecture.mean, architecture.std
+    module.register_buffer("scale", torch.tensor(1 / (255 * std)), persistent=False)
+    module.register_buffer("shift", torch.tensor(-mean / std), persistent=False)
+
+
 class Classifier(nn.Module):
     """Normalise, flatten, then a linear layer (`logreg`) or a ReLU MLP (`mlp`); `build_model` picks the class."""
 
     def __init__(self, architecture: Architecture) -> None:
         super().__init__()
-        layers: list[nn.Module] = []
-        for index, (width_in, width_out) in enumerate(itertools.pairwise(layer_widths(architecture))):
-            if index:
-                layers.append(nn.ReLU())
-            layers.append(nn.Linear(width_in, width_out))
-        self.layers = nn.Sequential(*layers)
+        self.layers = relu_mlp(layer_widths(architecture))
         self.image_shape = architecture.image_shape
-        # x_normalised = (pixel / 255 - mean) / std = pixel * scale + shift; not saved with the weights
-        # (the card holds mean and std), so they are non-persistent buffers that follow .to(device).
-        mean, std = architecture.mean, architecture.std
-        self.register_buffer("scale", torch.tensor(1 / (255 * std)), persistent=False)
-        self.register_buffer("shift", torch.tensor(-mean / std), persistent=False)
+        register_normalisation(self, architecture)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         check_images(images, self.image_shape)
@@ -116,17 +125,9 @@ class ConvNet(nn.Module):
             blocks.append(ConvBlock(channels_in, channels))
             channels_in, height, width = channels, height // 2, width // 2
         self.features = nn.Sequential(*blocks)
-        widths = [channels_in * height * width, *architecture.hidden, architecture.num_classes]
-        head: list[nn.Module] = []
-        for index, (width_in, width_out) in enumerate(itertools.pairwise(widths)):
-            if index:
-                head.append(nn.ReLU())
-            head.append(nn.Linear(width_in, width_out))
-        self.head = nn.Sequential(*head)
+        self.head = relu_mlp([channels_in * height * width, *architecture.hidden, architecture.num_classes])
         self.image_shape = architecture.image_shape
-        mean, std = architecture.mean, architecture.std
-        self.register_buffer("scale", torch.tensor(1 / (255 * std)), persistent=False)
-        self.register_buffer("shift", torch.tensor(-mean / std), persistent=False)
+        register_normalisation(self, architecture)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         check_images(images, self.image_shape)
