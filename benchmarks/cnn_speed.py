@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import shutil
 import sys
@@ -31,6 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.isolated import run_isolated
 from tests.helpers import RECIPES
 
 TARGET = 0.91
@@ -202,24 +202,6 @@ def floor(threads: int, device: str, precision: str) -> dict:
     return {"epoch_s": epoch_s, "floor_s": NET_FLOP * len(images) / rate, "gflops": rate / 1e9}
 
 
-VARIANTS = {"example": example, "project": project, "floor": floor}
-
-
-def _child(name: str, kwargs: dict, queue) -> None:
-    queue.put(VARIANTS[name](**kwargs))
-
-
-def measure(name: str, **kwargs) -> dict:
-    """Each variant in a fresh process: its own thread pool and allocator, no warm caches from the others."""
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    process = context.Process(target=_child, args=(name, kwargs, queue))
-    process.start()
-    result = queue.get()
-    process.join()
-    return result
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--example-epochs", type=int, default=3)
@@ -233,9 +215,9 @@ def main() -> None:
     on = {"threads": args.threads, "device": args.device}
     print(f"device {args.device}, (b) and (c) in {args.precision}")
     # --example-epochs 0 skips (a), for a second precision on the same machine.
-    a = measure("example", epochs=args.example_epochs, **on) if args.example_epochs else None
-    b = measure("project", precision=args.precision, **on)
-    c = measure("floor", precision=args.precision, **on)
+    a = run_isolated(example, epochs=args.example_epochs, **on) if args.example_epochs else None
+    b = run_isolated(project, precision=args.precision, **on)
+    c = run_isolated(floor, precision=args.precision, **on)
     for name, r in (("(a) pytorch/examples", a), ("(b) project cnn", b)):
         if r is None:
             continue

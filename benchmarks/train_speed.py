@@ -19,8 +19,6 @@ so each epoch count is its own run), for (c) the fit with the fewest lbfgs itera
 from __future__ import annotations
 
 import argparse
-import multiprocessing
-import resource
 import shutil
 import statistics
 import sys
@@ -28,13 +26,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.isolated import run_isolated
+
 TARGET = 0.842
 RAW = Path("data/raw")
 PROCESSED = Path("data/processed")
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def tutorial(epochs: int) -> dict:
@@ -187,25 +183,6 @@ def sklearn() -> dict:
     }
 
 
-def _child(name: str, kwargs: dict, queue) -> None:
-    result = VARIANTS[name](**kwargs)
-    result["peak_mb"] = peak_rss_mb()
-    queue.put(result)
-
-
-VARIANTS = {"tutorial": tutorial, "project": project, "sklearn": sklearn}
-
-
-def measure(name: str, **kwargs) -> dict:
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    process = context.Process(target=_child, args=(name, kwargs, queue))
-    process.start()
-    result = queue.get()
-    process.join()
-    return result
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tutorial-epochs", type=int, default=2)
@@ -219,10 +196,10 @@ def main() -> None:
         price_the_pin(args.pin_only)
         return
     results = {
-        "(a) tutorial": measure("tutorial", epochs=args.tutorial_epochs),
-        "(b) project": measure("project"),
-        "(b') unpinned": measure("project", pinned=False),
-        "(c) sklearn": measure("sklearn"),
+        "(a) tutorial": run_isolated(tutorial, epochs=args.tutorial_epochs),
+        "(b) project": run_isolated(project),
+        "(b') unpinned": run_isolated(project, pinned=False),
+        "(c) sklearn": run_isolated(sklearn),
     }
     print(f"{'variant':14s} {'s/epoch':>9s} {'s to ' + str(TARGET):>10s} {'test acc':>9s} {'peak MB':>8s}  setup")
     for name, r in results.items():
@@ -246,7 +223,7 @@ def price_the_pin(repeats: int) -> None:
     runs: dict[str, list[dict]] = {"pinned": [], "unpinned": []}
     for _ in range(repeats):
         for name, pinned in (("pinned", True), ("unpinned", False)):
-            runs[name].append(measure("project", pinned=pinned, ladder=False, threads=1))
+            runs[name].append(run_isolated(project, pinned=pinned, ladder=False, threads=1))
         print(" ".join(f"{name} {r[-1]['epoch_cpu_s']:.3f} cpu-s/epoch" for name, r in runs.items()), flush=True)
     medians = {
         name: {key: statistics.median(r[key] for r in results) for key in ("epoch_s", "epoch_cpu_s")}
