@@ -19,7 +19,7 @@ import numpy as np
 # Work per task: small enough to spread a cnn step over many cores, large enough that a call's fixed
 # cost stays small (benchmarks/matmul_pin.py). The sizes are part of the numerics: other sizes, other bytes.
 TASK_FLOP = 1 << 24
-MIN_ROWS = 256
+MIN_ROWS, MAX_ROWS = 256, 8192  # the cap: a thin product (the first convolution's 9 x 16) still splits
 ROW_ALIGN = 64
 NARROW = 16  # fewer result rows than the AVX2 kernel's 16-row tile fill its registers poorly
 
@@ -51,7 +51,7 @@ def one_blas_thread() -> str | None:
 
 def rows_per_task(row_flop: int, rows: int) -> int:
     """The rows of one task, from the shapes alone: about TASK_FLOP of work, a multiple of ROW_ALIGN."""
-    wanted = max(MIN_ROWS, -(-TASK_FLOP // max(row_flop, 1)))
+    wanted = min(MAX_ROWS, max(MIN_ROWS, -(-TASK_FLOP // max(row_flop, 1))))
     return min(rows, -(-wanted // ROW_ALIGN) * ROW_ALIGN) or 1
 
 
