@@ -119,14 +119,44 @@ class Conv3x3(nn.Module):
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Conv2d's default
 
     def forward(self, maps: torch.Tensor) -> torch.Tensor:
-        batch, height, width, channels = maps.shape
-        padded = F.pad(maps, (0, 0, 1, 1, 1, 1))  # (B, H+2, W+2, Cin)
-        # (B, H, W, 9*Cin): each position's 3x3 neighbourhood in (row, column, channel) order, built from
-        # nine shifted slices (contiguous runs of channels: faster to copy than a strided unfold)
-        shifted = [padded[:, row : row + height, column : column + width] for row in range(3) for column in range(3)]
-        patches = torch.cat(shifted, dim=3).view(-1, 9 * channels)
+        batch, height, width, _ = maps.shape
+        patches = Neighbourhoods.apply(maps) if maps.requires_grad else neighbourhoods(maps)  # (B*H*W, 9*Cin)
         out = linear(patches, self.weight.permute(0, 2, 3, 1).flatten(1))  # (B*H*W, Cout)
         return out.view(batch, height, width, self.weight.shape[0])  # explicit: a batch may be empty (a rank's part)
+
+
+def neighbourhoods(maps: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, C) -> (B*H*W, 9*C): each position's 3x3 neighbourhood (zero-padded) in (row, column,
+    channel) order, built from nine shifted slices (contiguous runs of channels: faster to copy than a
+    strided unfold)."""
+    _, height, width, channels = maps.shape
+    padded = F.pad(maps, (0, 0, 1, 1, 1, 1))  # (B, H+2, W+2, C)
+    shifted = [padded[:, row : row + height, column : column + width] for row in range(3) for column in range(3)]
+    return torch.cat(shifted, dim=3).view(-1, 9 * channels)
+
+
+class Neighbourhoods(torch.autograd.Function):
+    """`neighbourhoods` with a backward that adds the nine slices' gradients into one zeroed map, in place.
+
+    Autograd's own backward gives each slice a zeroed copy of the whole padded map and adds the nine up: a
+    third more of the cnn's second-block backward time, for the same sums in the same order (the last
+    slice first, as autograd runs them), so the same bytes.
+    """
+
+    @staticmethod
+    def forward(ctx, maps: torch.Tensor) -> torch.Tensor:
+        ctx.shape = maps.shape
+        return neighbourhoods(maps)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        batch, height, width, channels = ctx.shape
+        slices = grad.view(batch, height, width, 9, channels)
+        padded = grad.new_zeros(batch, height + 2, width + 2, channels)
+        for index in reversed(range(9)):
+            row, column = divmod(index, 3)
+            padded[:, row : row + height, column : column + width] += slices[:, :, :, index]
+        return padded[:, 1:-1, 1:-1]
 
 
 class ConvBlock(nn.Module):
