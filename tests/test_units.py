@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from threadpoolctl import threadpool_info
 
 from stages.core import products
 from stages.core.errors import SettingError
@@ -118,6 +119,9 @@ def test_the_pinned_products_are_the_same_bytes_at_any_thread_count() -> None:
         ])  # fmt: skip
     set_cpu_threads(1)
     assert all(result == results[0] for result in results)
+    # Each task is one OpenBLAS thread: OpenBLAS's own split would change the bytes.
+    openblas = [info for info in threadpool_info() if info["internal_api"] == "openblas"]
+    assert [info["num_threads"] for info in openblas] == [1]
 
 
 def test_auto_threads_are_the_cores_this_process_may_use() -> None:
