@@ -36,7 +36,7 @@ WORKSPACE = "workspace"  # DVC's name for the files on disk, as a revision
 DEFAULT_OUT = Path("review")
 
 
-def main() -> None:
+def arguments() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=command_name(), description=__doc__.splitlines()[0])
     parser.add_argument("old", nargs="?", help="the revision compared from (default: HEAD)")
     parser.add_argument("new", nargs="?", default=WORKSPACE, help="the revision compared to (default: the workspace)")
@@ -44,6 +44,11 @@ def main() -> None:
         "--exp", nargs="*", metavar="NAME", help="a leaderboard of the workspace and these experiments (all: no NAME)"
     )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"folder of the report (default: {DEFAULT_OUT})")
+    return parser
+
+
+def main() -> None:
+    parser = arguments()
     args = parser.parse_args()
     if args.exp is not None and args.old is not None:
         parser.error("give two revisions or --exp, not both")
