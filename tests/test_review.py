@@ -23,6 +23,7 @@ from stages.core.review import (
     per_class_f1,
     relative_change,
     render_charts,
+    side_by_side,
     verdict,
 )
 
@@ -48,6 +49,17 @@ HOSTED_COMMANDS = {("gh", "pr", "comment"): {"--body-file"}, ("glab", "mr", "not
 )
 def test_verdict_follows_the_metric_direction(name: str, old: float, new: float, expected: str) -> None:
     assert verdict(Change("m.json", name, old, new)) == expected
+
+
+def test_side_by_side_lists_every_value_of_both_revisions() -> None:
+    old = {"test.json": {"accuracy": 0.8, "per": {"cat": 0.5}}}
+    new = {"test.json": {"accuracy": 0.9, "per": {"cat": 0.5, "dog": 0.7}}, "extra.json": {"x": [1, 2]}}
+    assert side_by_side(old, new) == [
+        Change("extra.json", "x", None, "[1, 2]"),
+        Change("test.json", "accuracy", 0.8, 0.9),
+        Change("test.json", "per.cat", 0.5, 0.5),
+        Change("test.json", "per.dog", None, 0.7),
+    ]
 
 
 def test_relative_change() -> None:

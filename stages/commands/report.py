@@ -24,12 +24,12 @@ from stages.core.review import (
     Comparison,
     Entry,
     Picture,
-    changes,
     flatten,
     leaderboard,
     markdown,
     missing_plots,
     render_charts,
+    side_by_side,
 )
 
 WORKSPACE = "workspace"  # DVC's name for the files on disk, as a revision
@@ -102,18 +102,31 @@ def compare(repo, old: str, new: str, out: Path) -> Comparison:
         check_revision(repo, rev)
     shown = repo.metrics.show(revs=[old, new], hide_workspace=False)
     for rev in (old, new):
-        files = shown.get(rev, {}).get("data", {})
-        if not any("data" in result for result in files.values()):
+        if not loaded(shown, rev):
+            files = at(shown, rev).get("data", {})
             errors = [f"{file}: {result['error']}" for file, result in files.items() if "error" in result]
-            why = errors[0] if errors else shown.get(rev, {}).get("error", "no metrics declared in dvc.yaml")
+            why = errors[0] if errors else at(shown, rev).get("error", "no metrics declared in dvc.yaml")
             raise StageError(
                 f"{rev}: no metrics in this revision ({why}); compare a revision whose results were committed "
                 "(`dvc repro`, then commit metrics/)"
             )
-    metrics = repo.metrics.diff(old, new, all=True).get("diff", {})
-    params = repo.params.diff(old, new).get("diff", {})
+    metrics = side_by_side(loaded(shown, old), loaded(shown, new))
+    params_shown = repo.params.show(revs=[old, new], hide_workspace=False)
+    params = side_by_side(loaded(params_shown, old), loaded(params_shown, new))
     charts, pictures, missing = plots(repo, old, new, out)
-    return Comparison(old, new, changes(params), changes(metrics), charts, pictures, missing)
+    changed = [param for param in params if param.old != param.new]
+    return Comparison(old, new, changed, metrics, charts, pictures, missing)
+
+
+def at(shown: dict, rev: str) -> dict:
+    """What DVC's `show` found at `rev`; it names a commit by all the revisions asked that point to it, `a,b`."""
+    return next((found for names, found in shown.items() if rev in names.split(",")), {})
+
+
+def loaded(shown: dict, rev: str) -> dict[str, dict]:
+    """`{file: values}` of the files DVC could read at `rev`, from what `dvc metrics/params show --json` gives."""
+    files = at(shown, rev).get("data", {})
+    return {file: result["data"] for file, result in files.items() if "data" in result}
 
 
 def plots(repo, old: str, new: str, out: Path) -> tuple[list[Chart], list[Picture], dict[str, list[str]]]:

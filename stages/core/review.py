@@ -77,13 +77,13 @@ class Entry:
     metrics: dict[str, Value]
 
 
-def changes(diff: Mapping[str, Mapping[str, Mapping[str, Value]]]) -> list[Change]:
-    """`{file: {name: {"old": .., "new": ..}}}`, the shape of DVC's metrics and params diffs, as sorted rows."""
-    return [
-        Change(file, name, values.get("old"), values.get("new"))
-        for file, entries in sorted(diff.items())
-        for name, values in sorted(entries.items())
-    ]
+def side_by_side(old: Mapping[str, Mapping], new: Mapping[str, Mapping]) -> list[Change]:
+    """Every value of two revisions' files (`{file: nested values}`, as DVC loads them), sorted by file and name."""
+    rows = []
+    for file in sorted(old.keys() | new.keys()):
+        before, after = flatten(old.get(file, {})), flatten(new.get(file, {}))
+        rows += [Change(file, name, before.get(name), after.get(name)) for name in sorted(before.keys() | after.keys())]
+    return rows
 
 
 def direction(name: str) -> int:
