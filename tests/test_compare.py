@@ -268,14 +268,15 @@ def test_queued_grid_finishes_all_four(clone: Path, history: Path) -> None:
     found = {}
     for exp in experiments(clone):
         train = exp["data"]["params"]["params.yaml"]["data"]["train"]
-        found[(train["lr"], train["batch_size"])] = exp["data"]["metrics"]
+        found[(train["lr"], train["batch_size"])] = exp["data"]
     assert set(found) == GRID
-    results = set()
-    for key, metrics in found.items():
-        test = metrics["metrics/test.json"]["data"]
-        assert 0 <= test["accuracy"] <= 1, key
-        results.add((test["loss"], test["ece"]))
-    assert len(results) == len(GRID)  # each experiment reports its own run, not a copy of the baseline's
+    models = set()
+    for key, data in found.items():
+        assert 0 <= data["metrics"]["metrics/test.json"]["data"]["accuracy"] <= 1, key
+        models.add(data["outs"]["models"]["hash"])
+    # Each experiment trained its own model, not a copy of the baseline's (two may reach the same test
+    # metrics on the tiny data: the larger rates all classify it perfectly).
+    assert len(models) == len(GRID)
 
 
 # The review report (python -m stages.commands.report): DVC's diffs as Markdown, its plots as PNG files.
