@@ -359,6 +359,7 @@ def test_report_names_the_plots_a_revision_lacks(clone: Path) -> None:
         (["HEAD~2"], r"HEAD~2: no metrics in this revision \(metrics/test\.json: .*\); "),
         (["--exp", "nosuchexp"], r"nosuchexp: no such experiment of HEAD \(its experiments: .*\); "),
     ],
+    ids=["unknown revision", "revision without metrics", "unknown experiment"],
 )
 def test_report_refuses_bad_input_in_one_line(clone: Path, args: list[str], message: str) -> None:
     result = report(clone, *args, "--out", "review", check=False)
