@@ -33,7 +33,7 @@ from helpers import (
 ALL_STAGES = ["download", "preprocess", "train", "evaluate"]
 # One epoch each: at the smaller rate the logreg is still far from the answer, at the larger it gets there.
 RUN_1, RUN_2 = {"train.lr": 0.0003}, {"train.lr": 0.01}
-EXP_LR = 0.05  # the experiment run on top of `run 2`
+EXP_LR = 0.0005  # the experiment run on top of `run 2`: it changes every metric (one epoch, still learning)
 N_TEST = 200  # test images of the tiny dataset (helpers.write_dataset)
 GRID = {(0.01, 256), (0.01, 1024), (0.1, 256), (0.1, 1024)}  # (train.lr, train.batch_size)
 BROWSER_NAMES = ("chromium", "chromium-browser", "google-chrome")
@@ -230,7 +230,7 @@ def test_metrics_diff_with_a_metrics_file_that_is_not_json(clone: Path) -> None:
 
 @pytest.fixture(scope="module")
 def experimented(history: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    """A fresh clone of the history in which one experiment ran, `dvc exp run -S train.lr=0.05`; and its output."""
+    """A fresh clone of the history in which one experiment ran, `dvc exp run -S train.lr=EXP_LR`; and its output."""
     clone = tmp_path_factory.mktemp("experimented") / "clone"
     run(clone.parent, "git", "clone", "-q", str(history), clone.name)
     assert run(clone, "git", "status", "--porcelain").stdout == ""
