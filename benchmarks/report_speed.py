@@ -11,12 +11,13 @@ In a `git clone` of this checkout (nothing pulled: the results are tracked by gi
     drawn to PNG by vl-convert);
   - the alternative renderer: `dvc plots diff OLD NEW -o DIR` and headless Chromium's screenshot of its
     offline page (skipped without chromium).
-It prints each one's median and its ratio to `dvc plots diff --json`.
+It prints each one's median wall-clock and CPU time, and their ratios to `dvc plots diff --json`'s.
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import shutil
 import statistics
 import subprocess
@@ -36,10 +37,15 @@ def offline(command: list[str]) -> list[str]:
     return ["unshare", "-rn", *command] if probe and probe.returncode == 0 else command
 
 
-def timed(command: list[str], cwd: Path) -> float:
+def timed(command: list[str], cwd: Path) -> tuple[float, float]:
+    """Wall-clock seconds, and CPU seconds (user + system, of all its processes): on a machine that others
+    load, the CPU time is what the command would take alone, the few seconds it spends in one thread."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     subprocess.run(command, cwd=cwd, env=project_env(), check=True, capture_output=True)
-    return time.perf_counter() - start
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def main() -> None:
@@ -64,15 +70,16 @@ def main() -> None:
                 f"--window-size=1400,3000 {shot} {page}/index.html"
             )
             variants["dvc plots diff + chromium screenshot"] = offline(["sh", "-c", script])
-        times: dict[str, list[float]] = {name: [] for name in variants}
+        times: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
         for _ in range(args.repeat):
             for name, command in variants.items():
                 times[name].append(timed(command, clone))
-        base = statistics.median(times["dvc plots diff --json"])
+        wall_base, cpu_base = (statistics.median(t[i] for t in times["dvc plots diff --json"]) for i in (0, 1))
         print(f"{' '.join(args.revisions)}, {args.repeat} runs each, offline: {offline(['x'])[0] == 'unshare'}")
+        print(f"{'':40s} {'wall':>8s} {'ratio':>6s} {'cpu':>8s} {'ratio':>6s}")
         for name, runs in times.items():
-            median = statistics.median(runs)
-            print(f"{name:40s} {median:6.2f} s   {median / base:5.2f}x   (runs: {', '.join(f'{t:.2f}' for t in runs)})")
+            wall, cpu = (statistics.median(t[i] for t in runs) for i in (0, 1))
+            print(f"{name:40s} {wall:6.2f} s {wall / wall_base:5.2f}x {cpu:6.2f} s {cpu / cpu_base:5.2f}x")
 
 
 if __name__ == "__main__":
