@@ -5,8 +5,8 @@
 
 A defaults to HEAD and B to the workspace, as DVC's own diffs do. DIR/report.md holds the params that
 changed, every metric of both revisions with its change, the per-class F1, and every plot of dvc.yaml
-as a PNG beside it. All of it comes from DVC (`dvc metrics diff`, `dvc params diff`, `dvc plots diff`,
-`dvc exp show`), so any layout of dvc.yaml's metrics and plots works, offline, in a fresh clone. With
+as a PNG beside it. All of it is what DVC reads (`dvc metrics show`, `dvc params show`, `dvc plots diff
+--json`, `dvc exp show`), so any layout of dvc.yaml's metrics and plots works, offline, in a fresh clone. With
 `--exp`, a table of the workspace and the named experiments of HEAD (all of them without names), best
 accuracy first, their params beside their metrics.
 """
@@ -108,7 +108,7 @@ def compare(repo, old: str, new: str, out: Path) -> Comparison:
             why = errors[0] if errors else at(shown, rev).get("error", "no metrics declared in dvc.yaml")
             raise StageError(
                 f"{rev}: no metrics in this revision ({why}); compare a revision whose results were committed "
-                "(`dvc repro`, then commit metrics/)"
+                "(`dvc repro`, then commit its results)"
             )
     metrics = side_by_side(loaded(shown, old), loaded(shown, new))
     params_shown = repo.params.show(revs=[old, new], hide_workspace=False)
@@ -167,7 +167,7 @@ def experiments(repo, names: list[str]) -> list[Entry]:
 
 
 def entry(row: dict) -> Entry:
-    """An `dvc exp show --json` row as a leaderboard entry; its params and metrics by their names within a file."""
+    """A `dvc exp show --json` row as a leaderboard entry; its params and metrics by their names within a file."""
     data = row.get("data") or {}
     values = {kind: {} for kind in ("params", "metrics")}
     for kind, found in values.items():
