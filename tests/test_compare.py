@@ -380,6 +380,12 @@ def test_exp_show_fits_params_beside_accuracy_in_120_columns(experimented: tuple
     assert len([line for line in lines if re.search(rf"\s{EXP_LR}\s", line)]) == 2  # the workspace and the exp
 
 
+def test_the_readme_gives_that_comparison_command() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    command = " ".join(EXP_SHOW[:-1]) + f" '{EXP_SHOW[-1]}'"
+    assert command in readme, command
+
+
 @pytest.mark.e2e
 def test_report_leaderboard_of_experiments(experimented: tuple[Path, str]) -> None:
     clone, _ = experimented
