@@ -59,8 +59,16 @@ def run(tasks: list[Callable[[], object]]) -> list:
     """Each task's result, in order; on the pool when there is one and more than one task."""
     one_blas_thread()
     if _pool is None or len(tasks) == 1:
-        return [task() for task in tasks]
-    return list(_pool.map(lambda task: task(), tasks))
+        return [quietly(task) for task in tasks]
+    return list(_pool.map(quietly, tasks))
+
+
+def quietly(task: Callable[[], object]) -> object:
+    """Run `task` without numpy's floating-point warnings: like torch's products, a NaN or an infinity is
+    a value here, and the stage that meets one (a diverged training) says so in its own line. numpy's
+    error state is per thread, so it is set where the task runs."""
+    with np.errstate(all="ignore"):
+        return task()
 
 
 def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -86,13 +94,14 @@ def matmul_over_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def sum_over_rows(a: np.ndarray) -> np.ndarray:
     """a (M, N) summed over its rows, in the chunks `matmul_over_rows` uses, added in order."""
     step = rows_per_task(2 * a.shape[1], a.shape[0])
-    parts = [a[start : start + step].sum(0) for start in range(0, a.shape[0], step)]
+    parts = run([functools.partial(np.sum, a[start : start + step], 0) for start in range(0, a.shape[0], step)])
     return ordered_sum(parts, a.shape[1:], a.dtype)
 
 
 def ordered_sum(parts: list[np.ndarray], shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     """The parts added first to last (zeros of `shape` when there are none: an empty batch)."""
     total = np.zeros(shape, dtype) if not parts else parts[0].copy()
-    for part in parts[1:]:
-        total += part
+    with np.errstate(all="ignore"):  # as in `quietly`
+        for part in parts[1:]:
+            total += part
     return total
