@@ -24,7 +24,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from stages import numerics
 from stages.core.errors import CoreError, FileProblem, SettingError
@@ -119,23 +119,35 @@ def machine_fault(error: OSError) -> str | None:
     OSError that names no file and no fault of the machine: a bug."""
     fix = MACHINE_FIXES.get(error.errno, "fix it there, then rerun")
     cause = error.strerror or str(error)
-    if error.filename is None and _standard_output_fails():
-        error.filename = "standard output"
     if error.filename is None:
         return f"{cause}; {fix}" if error.errno in MACHINE_FIXES else None
     return f"{os.fsdecode(error.filename)}: {cause}; {fix}"
 
 
-def _standard_output_fails() -> bool:
-    """Whether writing what is printed fails (a full disk under `> file`); if so, the rest is dropped, so
-    that the exit's own flush does not fail again with a traceback."""
-    try:
-        sys.stdout.flush()
-        return False
-    except OSError:
-        with contextlib.suppress(OSError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return True
+class NamedOutput:
+    """`sys.stdout`, whose failed writes (a full disk under `> file`) name it; after one, the rest of the
+    output is dropped, so that the flush at exit does not fail again with a traceback."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+    def write(self, text: str) -> int:
+        return self._named(self._stream.write, text)
+
+    def flush(self) -> None:
+        self._named(self._stream.flush)
+
+    def _named(self, method: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return method(*args)
+        except OSError as error:
+            error.filename = error.filename or "standard output"
+            with contextlib.suppress(OSError, ValueError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), self._stream.fileno())
+            raise
 
 
 def command_name() -> str:
@@ -160,6 +172,8 @@ def run(main: Callable[[], None]) -> None:
             "so that any x86-64 CPU computes the same bytes (README, Reproducibility)"
         )
     log_to_stderr()
+    if not isinstance(sys.stdout, NamedOutput):
+        sys.stdout = NamedOutput(sys.stdout)
     try:
         main()
         sys.stdout.flush()  # what was printed reaches its file here, where a failure is still one line

@@ -263,3 +263,18 @@ def run_stage(project: Path, module: str, *args: str, variant: dict[str, str], p
         [sys.executable, *launcher, module, *args], cwd=project, env=env, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr
+
+
+def stage_command(project: Path, stage: str) -> list[str]:
+    """The stage's command as `dvc repro` runs it: dvc.yaml's cmd with its `vars` filled in."""
+    spec = yaml.safe_load((project / "dvc.yaml").read_text())
+    values = {name: value for block in spec["vars"] for name, value in block.items()}
+    return re.sub(r"\$\{(\w+)\}", lambda match: str(values[match[1]]), spec["stages"][stage]["cmd"]).split()
+
+
+def one_line_error(result: subprocess.CompletedProcess, starts: str) -> str:
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.strip().splitlines() if "warning" not in line]
+    assert len(lines) == 1 and lines[0].startswith(starts), result.stderr
+    return lines[0]

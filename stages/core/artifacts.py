@@ -93,12 +93,14 @@ def atomic_file(path: Path) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def scratch_file(folder: Path, name: str) -> Iterator[Path]:
-    """Yield a temporary path in `folder` that is deleted afterwards, whatever happens."""
+    """Yield a temporary path in `folder` that is deleted afterwards, whatever happens; an OSError names
+    `folder`/`name` instead."""
     ensure_folder(folder)
-    fd, temp = tempfile.mkstemp(prefix=_temp_prefix(name), dir=folder)
+    fd, temp = _made(folder / name, lambda: tempfile.mkstemp(prefix=_temp_prefix(name), dir=folder))
     os.close(fd)
     try:
-        yield Path(temp)
+        with named_as(folder / name, Path(temp)):
+            yield Path(temp)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp)
