@@ -14,10 +14,11 @@ import hashlib
 import itertools
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -137,7 +138,12 @@ def test_a_read_only_file_system_is_one_line(project: Path, tmp_path: Path) -> N
         assert "remount it read-write, or write elsewhere" in line
 
 
-def limited_file_size(size: int):
+def run_limited(project: Path, command: list[str], limit: Callable[[], None]) -> subprocess.CompletedProcess:
+    """Run `command` in `project`, its process limited by `limit` (run in it before the program starts)."""
+    return subprocess.run(command, cwd=project, env=project_env(), capture_output=True, text=True, preexec_fn=limit)
+
+
+def limited_file_size(size: int) -> Callable[[], None]:
     hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
     return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
 
@@ -150,9 +156,7 @@ def test_a_file_size_limit_is_one_line(project: Path, tmp_path: Path, stage: str
     command = stage_command(project, stage)
     if stage == "train":
         command = with_out(project, stage, tmp_path / "models")
-    result = subprocess.run(
-        command, cwd=project, env=project_env(), capture_output=True, text=True, preexec_fn=limited_file_size(2048)
-    )
+    result = run_limited(project, command, limited_file_size(2048))
     line = one_line_error(result, f"{stage}: error: ")
     assert "File too large" in line and "raise the file-size limit (ulimit -f)" in line
     assert not (tmp_path / "models").exists() and snapshot(project / "metrics") == before
@@ -179,6 +183,52 @@ def test_faults_no_test_can_cause_here_are_the_same_line(code: int, fix: str, ca
     assert exit.value.code == 1
     line = capsys.readouterr().err.strip()
     assert line == f"{cli.prog()}: error: /data/out/model.safetensors: {os.strerror(code)}; {fix}"
+
+
+# Out of memory: a batch that cannot fit names its key. The limit is on the address space (RLIMIT_AS): the
+# peak of a run with small batches, plus room for a batch of 10 but not for one of hundreds of images
+# through a convolution 256 channels wide (each such activation of 200 images is 160 MB).
+ROOM = 100 * 2**20
+WIDE_CNN = {"train.model": "cnn", "train.channels": [256], "train.hidden": [16], "train.epochs": 1}
+
+# Runs the stage and prints its peak address space (`VmPeak: N kB`) on stderr as it exits.
+PEAK = """
+import atexit, runpy, sys
+atexit.register(lambda: sys.stderr.write(next(l for l in open("/proc/self/status") if l.startswith("VmPeak"))))
+runpy.run_module(sys.argv.pop(1), run_name="__main__", alter_sys=True)
+"""
+
+
+def peak_of(project: Path, command: list[str]) -> int:
+    """The stage's peak address space, in bytes, in a run that must succeed."""
+    python, _, *arguments = command
+    result = run(project, python, "-c", PEAK, *arguments)
+    return int(result.stderr.rsplit("VmPeak:", 1)[1].split()[0]) * 1024
+
+
+def limited_memory(size: int) -> Callable[[], None]:
+    hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+    return lambda: resource.setrlimit(resource.RLIMIT_AS, (size, hard))
+
+
+def test_a_batch_that_cannot_fit_in_memory_names_its_key(project: Path, tmp_path: Path) -> None:
+    model, report = tmp_path / "models", tmp_path / "metrics"
+    set_params(project, **WIDE_CNN, **{"train.batch_size": 10, "evaluate.batch_size": 10})
+    evaluate = with_out(project, "evaluate", report)
+    evaluate[evaluate.index("--model") + 1] = str(model)
+    limits = {"train": peak_of(project, with_out(project, "train", model)) + ROOM}
+    limits["evaluate"] = peak_of(project, evaluate) + ROOM
+    shutil.rmtree(report)
+    small = run_limited(project, evaluate, limited_memory(limits["evaluate"]))
+    assert small.returncode == 0, small.stderr  # the limit leaves room for the small batches
+    shutil.rmtree(report)
+    for stage, command in (("evaluate", evaluate), ("train", with_out(project, "train", tmp_path / "big"))):
+        key = f"{stage}.batch_size"
+        set_params(project, **{key: 500})  # the whole split in one batch (500 training, 200 test images)
+        result = run_limited(project, command, limited_memory(limits[stage]))
+        line = one_line_error(result, f"{stage}: error: {key}: out of memory (tried to allocate ")
+        assert line.endswith(f"; lower {key}"), line
+    assert not report.exists() and not (tmp_path / "big").exists() and temporaries(tmp_path) == []
 
 
 # The report is one set: the old one or the new one, whatever stops the run. The new one is of a model
