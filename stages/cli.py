@@ -47,6 +47,7 @@ FIXES = {
 }
 
 # What to do about an error of the machine, by its errno; the line names the path and the cause (strerror).
+# The machine's own faults: no setting or key of this project can help with these.
 MACHINE_FIXES = {
     errno.ENOSPC: "free space there, or write elsewhere",
     errno.EDQUOT: "free space within your disk quota there, or write elsewhere",
@@ -55,9 +56,8 @@ MACHINE_FIXES = {
     errno.EIO: "the disk or the network file system failed: check it (dmesg), then rerun",
     errno.EMFILE: "raise the limit on open files (ulimit -n), then rerun",
     errno.ENFILE: "the system's open files are at its limit: close programs, then rerun",
-    errno.EACCES: "fix the permissions there, then rerun",
-    errno.EPERM: "fix the permissions there, then rerun",
 }
+PERMISSION_FIXES = dict.fromkeys((errno.EACCES, errno.EPERM), "fix the permissions there, then rerun")
 MEMORY_FIX = "free memory (close other programs), or run on a machine with more"
 
 
@@ -117,10 +117,10 @@ def out_of_memory(error: BaseException) -> str | None:
 def machine_fault(error: OSError) -> str | None:
     """The line for an error of the machine or of the file system (`path: cause; what to do`); None for an
     OSError that names no file and no fault of the machine: a bug."""
-    fix = MACHINE_FIXES.get(error.errno, "fix it there, then rerun")
+    fix = {**MACHINE_FIXES, **PERMISSION_FIXES}.get(error.errno, "fix it there, then rerun")
     cause = error.strerror or str(error)
     if error.filename is None:
-        return f"{cause}; {fix}" if error.errno in MACHINE_FIXES else None
+        return f"{cause}; {fix}" if error.errno in MACHINE_FIXES or error.errno in PERMISSION_FIXES else None
     return f"{os.fsdecode(error.filename)}: {cause}; {fix}"
 
 

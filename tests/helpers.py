@@ -248,6 +248,15 @@ def make_tiny_project(root: Path) -> Path:
     return init_repo(project, "tiny project")
 
 
+def reproduced_tiny_project(root: Path) -> Path:
+    """A tiny project (make_tiny_project) whose pipeline has run, its results committed."""
+    project = make_tiny_project(root)
+    dvc(project, "repro")
+    run(project, "git", "add", "-A")
+    run(project, "git", "commit", "-qm", "results")
+    return project
+
+
 # Loaded first, torch has the CPU's own numerics: the stage then runs as it did before the pin.
 UNPINNED = ["-c", "import runpy, sys, torch; runpy.run_module(sys.argv.pop(1), run_name='__main__', alter_sys=True)"]
 

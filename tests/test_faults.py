@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import dvc, make_tiny_project, one_line_error, run, set_params, stage_command
+from helpers import dvc, make_tiny_project, one_line_error, reproduced_tiny_project, run, set_params, stage_command
 from safetensors.torch import load_file, save_file
 
 pytestmark = pytest.mark.e2e
@@ -31,11 +31,7 @@ OUTPUTS = ("data", "models", "metrics")
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny project, reproduced and committed once for the module; each test puts it back as it was."""
-    project = make_tiny_project(tmp_path_factory.mktemp("faults"))
-    dvc(project, "repro")
-    run(project, "git", "add", "-A")
-    run(project, "git", "commit", "-qm", "results")
-    return project
+    return reproduced_tiny_project(tmp_path_factory.mktemp("faults"))
 
 
 @pytest.fixture

@@ -23,7 +23,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import dvc, make_tiny_project, one_line_error, project_env, run, set_params, stage_command
+from helpers import (
+    dvc,
+    one_line_error,
+    project_env,
+    reproduced_tiny_project,
+    run,
+    set_params,
+    stage_command,
+)
 from safetensors.numpy import load_file
 
 from stages import cli
@@ -36,11 +44,7 @@ PAGE = 4096  # tmpfs hands out space in pages: each small file takes one
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny project, reproduced and committed once for the module; each test puts it back as it was."""
-    project = make_tiny_project(tmp_path_factory.mktemp("machine"))
-    dvc(project, "repro")
-    run(project, "git", "add", "-A")
-    run(project, "git", "commit", "-qm", "results")
-    return project
+    return reproduced_tiny_project(tmp_path_factory.mktemp("machine"))
 
 
 @pytest.fixture
@@ -128,6 +132,21 @@ def test_predict_into_a_full_disk_names_its_output_in_one_line(project: Path, tm
         line = one_line_error(subprocess.CompletedProcess(command, result.returncode, "", stderr), "predict: error: ")
         assert line.startswith("predict: error: standard output: No space left on device"), line
         assert sorted(disk.iterdir()) == [filler, disk / "predictions.jsonl"]
+
+
+@pytest.mark.parametrize(("options", "cause"), [(("nr_inodes=2",), "No space left"), (("ro",), "Read-only")])
+def test_a_local_remote_on_a_full_or_read_only_disk_is_the_machine_not_the_keys(
+    project: Path, tmp_path: Path, options: tuple[str, ...], cause: str
+) -> None:
+    with tmpfs(tmp_path / "disk", 16, *options) as disk:
+        dvc(project, "remote", "add", "--local", "-d", "store", str(disk / "store"))
+        try:
+            result = run(project, sys.executable, "-m", "stages.commands.remote", check=False)
+        finally:
+            (project / ".dvc" / "config.local").unlink()
+        line = one_line_error(result, f"remote: error: remote 'store' ({disk / 'store'}): {cause}")
+        assert "so `dvc push` would fail" in line and "write access" not in line
+        assert list(disk.iterdir()) == []
 
 
 # Other faults of the file system and of the process's limits.
