@@ -204,6 +204,20 @@ def test_faults_no_test_can_cause_here_are_the_same_line(code: int, fix: str, ca
     assert line == f"{cli.prog()}: error: /data/out/model.safetensors: {os.strerror(code)}; {fix}"
 
 
+def test_a_gpu_out_of_memory_is_the_same_line_as_the_cpus() -> None:
+    """torch's message for a GPU (no GPU here: the exception itself, with the text torch 2.14 gives it)."""
+    import torch
+
+    gpu = torch.OutOfMemoryError(
+        "CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of 139.80 GiB of which "
+        "1.20 GiB is free. Of the allocated memory 137.00 GiB is allocated by PyTorch"
+    )
+    with pytest.raises(cli.StageError, match=r"^evaluate.batch_size: out of memory \(tried to allocate 20.00 GiB\); "):
+        with cli.memory_set_by("evaluate.batch_size"):
+            raise gpu
+    assert cli.out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
+
+
 # Out of memory: a batch that cannot fit names its key. The limit is on the address space (RLIMIT_AS): the
 # peak of a run with small batches, plus room for a batch of 10 but not for one of hundreds of images
 # through a convolution 256 channels wide (each such activation of 200 images is 160 MB).
