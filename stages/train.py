@@ -155,8 +155,15 @@ def opened_live(folder: Path) -> Iterator[Any]:
             limited = resource.getrlimit(resource.RLIMIT_FSIZE)[0] != resource.RLIM_INFINITY
             code = errno.EFBIG if limited else errno.EIO
         raise OSError(code, f"{os.strerror(code)} (DVC's state database: sqlite {error})", site_cache_dir()) from None
-    with live:
+    try:
         yield live
+    except BaseException:
+        # Training failed: its error is the line to show. DVCLive's end (its last writes, a thread that posts
+        # to Studio) can fail for the same cause (out of memory, a full disk) and would hide it.
+        with contextlib.suppress(Exception):
+            live.end()
+        raise
+    live.end()
 
 
 def arguments() -> argparse.Namespace:
