@@ -5,22 +5,26 @@ stage with one line on stderr that names the problem and the fix, and a non-zero
 bugs only. The core raises its own exceptions (stages.core.errors), which say what is wrong; this module
 and the stage shells add what to type: the params key, the DVC command. Under `dvc repro` / `dvc exp run`,
 a refusal also puts back the cached outputs that DVC deleted before running the stage (see
-restore_outputs), so a typo in params.yaml loses nothing.
+restore_outputs), so a typo in params.yaml loses nothing. The machine's own faults (a full disk, a
+file-size limit, out of memory) are one line too: the path or the params key, the cause and what to do.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import logging
 import os
 import platform
+import re
 import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, NoReturn
 
 from stages import numerics
 from stages.core.errors import CoreError, FileProblem, SettingError
@@ -42,6 +46,20 @@ FIXES = {
     ("output", "unwritable"): "choose a writable --out",
 }
 
+# What to do about an error of the machine, by its errno; the line names the path and the cause (strerror).
+# The machine's own faults: no setting or key of this project can help with these.
+MACHINE_FIXES = {
+    errno.ENOSPC: "free space there, or write elsewhere",
+    errno.EDQUOT: "free space within your disk quota there, or write elsewhere",
+    errno.EFBIG: "raise the file-size limit (ulimit -f), or write elsewhere",
+    errno.EROFS: "the file system is mounted read-only: remount it read-write, or write elsewhere",
+    errno.EIO: "the disk or the network file system failed: check it (dmesg), then rerun",
+    errno.EMFILE: "raise the limit on open files (ulimit -n), then rerun",
+    errno.ENFILE: "the system's open files are at its limit: close programs, then rerun",
+}
+PERMISSION_FIXES = dict.fromkeys((errno.EACCES, errno.EPERM), "fix the permissions there, then rerun")
+MEMORY_FIX = "free memory (close other programs), or run on a machine with more"
+
 
 class StageError(Exception):
     """A problem the user can fix: its message is the one line they see."""
@@ -61,6 +79,75 @@ def explained(key: str | None = None, fix: str | None = None) -> Iterator[None]:
     except SettingError as error:
         message = f"{key}: {error}" if key else str(error)
         raise StageError(f"{message}; {fix}" if fix else message) from None
+
+
+@contextlib.contextmanager
+def memory_set_by(key: str) -> Iterator[None]:
+    """Turn running out of memory inside into a StageError naming the params `key` that sets how much is
+    held at once (a batch size)."""
+    try:
+        yield
+    except Exception as error:
+        cause = out_of_memory(error)
+        if cause is None:
+            raise
+        raise StageError(f"{key}: {cause}; lower {key}") from None
+
+
+def out_of_memory(error: BaseException) -> str | None:
+    """`out of memory (tried to allocate 9.0 GiB)` when `error` is running out of memory; None otherwise.
+
+    Torch raises OutOfMemoryError for a GPU, but a plain RuntimeError when its CPU allocator is refused
+    (torch 2.14), which only its message tells apart.
+    """
+    if isinstance(error, MemoryError):
+        return "out of memory"
+    text = str(error)
+    if type(error).__name__ != "OutOfMemoryError" and not (
+        isinstance(error, RuntimeError) and "can't allocate memory" in text
+    ):
+        return None
+    size = re.search(r"(?i)tried to allocate ([\d.]+) ?(bytes|[KMGT]iB)", text)
+    if size is None:
+        return "out of memory"
+    amount = float(size[1]) * 1024 ** ("bytes", "KiB", "MiB", "GiB", "TiB").index(size[2]) / 2**30
+    return f"out of memory (tried to allocate {amount:.2f} GiB)"
+
+
+def machine_fault(error: OSError) -> str | None:
+    """The line for an error of the machine or of the file system (`path: cause; what to do`); None for an
+    OSError that names no file and no fault of the machine: a bug."""
+    fix = {**MACHINE_FIXES, **PERMISSION_FIXES}.get(error.errno, "fix it there, then rerun")
+    cause = error.strerror or str(error)
+    if error.filename is None:
+        return f"{cause}; {fix}" if error.errno in MACHINE_FIXES or error.errno in PERMISSION_FIXES else None
+    return f"{os.fsdecode(error.filename)}: {cause}; {fix}"
+
+
+class NamedOutput:
+    """`sys.stdout`, whose failed writes (a full disk under `> file`) name it; after one, the rest of the
+    output is dropped, so that the flush at exit does not fail again with a traceback."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+    def write(self, text: str) -> int:
+        return self._named(self._stream.write, text)
+
+    def flush(self) -> None:
+        self._named(self._stream.flush)
+
+    def _named(self, method: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return method(*args)
+        except OSError as error:
+            error.filename = error.filename or "standard output"
+            with contextlib.suppress(OSError, ValueError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), self._stream.fileno())
+            raise
 
 
 def command_name() -> str:
@@ -85,8 +172,11 @@ def run(main: Callable[[], None]) -> None:
             "so that any x86-64 CPU computes the same bytes (README, Reproducibility)"
         )
     log_to_stderr()
+    if not isinstance(sys.stdout, NamedOutput):
+        sys.stdout = NamedOutput(sys.stdout)
     try:
         main()
+        sys.stdout.flush()  # what was printed reaches its file here, where a failure is still one line
     except StageError as error:
         fail(str(error))
     except FileProblem as problem:
@@ -95,14 +185,23 @@ def run(main: Callable[[], None]) -> None:
         fail(str(error))
     except OSError as error:
         # The environment, not the code: a full disk, a folder made read-only mid-run, a vanished mount.
-        if error.filename is None:
-            raise
-        fail(f"{error.filename}: {error.strerror}; free space or fix the permissions there, then rerun")
+        line = machine_fault(error)
+        if line is None:
+            bug(error)
+        fail(line)
     except KeyboardInterrupt:
         sys.exit(130)
-    except Exception as error:  # a bug: its traceback follows; a training process tells its launcher first
-        record_failure(f"{type(error).__name__}: {error}", traceback.format_exc())
-        raise
+    except Exception as error:
+        cause = out_of_memory(error)
+        if cause is None:
+            bug(error)
+        fail(f"{cause}; {MEMORY_FIX}")
+
+
+def bug(error: Exception) -> NoReturn:
+    """Re-raise `error` (its traceback follows); a training process tells its launcher first."""
+    record_failure(f"{type(error).__name__}: {error}", traceback.format_exc())
+    raise error
 
 
 def prog() -> str:

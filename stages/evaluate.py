@@ -2,16 +2,17 @@
 
 Everything here is small and tracked by git (`cache: false` in dvc.yaml), so `dvc metrics diff` and
 `dvc plots diff` compare commits in a fresh clone without pulling anything. The training log that the
-train stage wrote (cached by DVC, for its run-cache) is published here beside the test report.
+train stage wrote (cached by DVC, for its run-cache) is published here beside the test report. The report
+is one set, switched in whole when complete: a failed or killed run leaves the previous one as it was.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from stages.cli import argument_parser, explained, numerics_in_effect, run
+from stages.cli import argument_parser, explained, memory_set_by, numerics_in_effect, run
 from stages.core import files
-from stages.core.artifacts import copy_folder, write_csv, write_json, write_png, write_text
+from stages.core.artifacts import atomic_directory, copy_folder, write_csv, write_json, write_png, write_text
 from stages.core.model import check_trained_for, load_model
 from stages.core.report import build_report, markdown_table, misclassified_grid
 from stages.core.runtime import available_cores, make_deterministic, resolve_device, set_cpu_threads
@@ -51,19 +52,21 @@ def main() -> None:
     model, card = load_model(args.model, device)
     check_trained_for(card, read_meta(args.data), args.model, args.data)
     images, labels = load_split(args.data, "test", device)
-    logits = predict(model, images, params.batch_size).cpu()
+    with memory_set_by("evaluate.batch_size"):
+        logits = predict(model, images, params.batch_size).cpu()
     images, labels = images.cpu(), labels.cpu()
     report = build_report(logits, labels, card.classes, params.calibration_bins)
 
-    out = args.out
-    write_json(out / files.TEST_METRICS, report.summary)
-    write_csv(out / files.PER_CLASS, report.per_class)
-    write_text(out / files.PER_CLASS_TABLE, markdown_table(report.per_class))
-    write_csv(out / files.CONFUSION, report.confusion)
-    write_csv(out / files.CALIBRATION, report.calibration)
     grid = misclassified_grid(images, labels, logits, card.classes, params.misclassified_grid)
-    write_png(out / files.MISCLASSIFIED, grid)
-    copy_folder(args.model / files.TRAINING_LOG, out / files.TRAINING_LOG)
+
+    with atomic_directory(args.out) as out:
+        write_json(out / files.TEST_METRICS, report.summary)
+        write_csv(out / files.PER_CLASS, report.per_class)
+        write_text(out / files.PER_CLASS_TABLE, markdown_table(report.per_class))
+        write_csv(out / files.CONFUSION, report.confusion)
+        write_csv(out / files.CALIBRATION, report.calibration)
+        write_png(out / files.MISCLASSIFIED, grid)
+        copy_folder(args.model / files.TRAINING_LOG, out / files.TRAINING_LOG)
 
 
 if __name__ == "__main__":

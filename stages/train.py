@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import functools
-import shutil
+import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from stages.cli import StageError, argument_parser, explained, numerics_in_effect, run, warn
-from stages.core.artifacts import atomic_directory
+from stages.cli import StageError, argument_parser, explained, memory_set_by, numerics_in_effect, run, warn
+from stages.core.artifacts import atomic_directory, copy_folder, named_as
 from stages.core.contract import Stopped
 from stages.core.distributed import (
     SINGLE,
@@ -91,7 +93,11 @@ def main() -> None:
     model = init_model(architecture, params.seed, device)
     checkpoint, resume = open_checkpoint(args.resume, params, args.data, world)
     diverged = f"lower train.lr (now {params.lr}); nothing was written"
-    with joined(world, device, args.peer_timeout), explained("train.lr", fix=diverged):
+    with (
+        joined(world, device, args.peer_timeout),
+        explained("train.lr", fix=diverged),
+        memory_set_by("train.batch_size"),
+    ):
         resume = from_rank_zero(resume, world)  # every process continues from the state rank 0 found
         train = functools.partial(train_best, model, train_set, val_set, params, autocast, resume=resume, world=world)
         if world.rank > 0:  # trains its part of each batch; rank 0 reports, saves the state, writes the model
@@ -115,17 +121,49 @@ def write_model(
 ) -> None:
     """Train (`train`: train_best with its model and data), logging each epoch and (with `save`) saving the
     state after it, then write the model of the best epoch and its `card` into `out`, all at once."""
-    from dvclive import Live  # imported here: it is the slowest import of the stage
-
     with atomic_directory(out) as folder:
         # --live: curves readable as each epoch ends, in a folder DVC never deletes (no output: train's
         # run-cache stays on); copied into the model folder at the end.
-        with Live(str(live_folder or folder / TRAINING_LOG), dvcyaml=False, save_dvc_exp=False, report=None) as live:
+        log = live_folder or folder / TRAINING_LOG
+        with named_as(log), opened_live(log) as live:
             stopped = train(report=functools.partial(report_epoch, live, card.recipe["epochs"]), save=save)
             live.summary["device"] = card.device
         if live_folder:
-            shutil.copytree(live_folder, folder / TRAINING_LOG)
+            copy_folder(live_folder, folder / TRAINING_LOG)
         save_model(folder, model, card.model_copy(update={"stopped": stopped}))
+
+
+@contextlib.contextmanager
+def opened_live(folder: Path) -> Iterator[Any]:
+    """DVCLive logging into `folder`.
+
+    DVCLive opens the DVC repository, whose state is a sqlite database in DVC's site cache: a full disk or
+    a file-size limit there fails in sqlite, whose error names neither the file nor the cause; this does.
+    """
+    import resource
+    import sqlite3
+
+    from dvc.dirs import site_cache_dir
+    from dvclive import Live  # imported here: it is the slowest import of the stage
+
+    try:
+        live = Live(str(folder), dvcyaml=False, save_dvc_exp=False, report=None)
+    except sqlite3.OperationalError as error:
+        if "full" in str(error):  # "database or disk is full"
+            code = errno.ENOSPC
+        else:  # "disk I/O error": sqlite's word for a write refused by the file-size limit, too
+            limited = resource.getrlimit(resource.RLIMIT_FSIZE)[0] != resource.RLIM_INFINITY
+            code = errno.EFBIG if limited else errno.EIO
+        raise OSError(code, f"{os.strerror(code)} (DVC's state database: sqlite {error})", site_cache_dir()) from None
+    try:
+        yield live
+    except BaseException:
+        # Training failed: its error is the line to show. DVCLive's end (its last writes, a thread that posts
+        # to Studio) can fail for the same cause (out of memory, a full disk) and would hide it.
+        with contextlib.suppress(Exception):
+            live.end()
+        raise
+    live.end()
 
 
 def arguments() -> argparse.Namespace:

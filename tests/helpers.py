@@ -248,6 +248,15 @@ def make_tiny_project(root: Path) -> Path:
     return init_repo(project, "tiny project")
 
 
+def reproduced_tiny_project(root: Path) -> Path:
+    """A tiny project (make_tiny_project) whose pipeline has run, its results committed."""
+    project = make_tiny_project(root)
+    dvc(project, "repro")
+    run(project, "git", "add", "-A")
+    run(project, "git", "commit", "-qm", "results")
+    return project
+
+
 # Loaded first, torch has the CPU's own numerics: the stage then runs as it did before the pin.
 UNPINNED = ["-c", "import runpy, sys, torch; runpy.run_module(sys.argv.pop(1), run_name='__main__', alter_sys=True)"]
 
@@ -273,3 +282,18 @@ def run_stage(project: Path, module: str, *args: str, variant: dict[str, str], p
         [sys.executable, *launcher, module, *args], cwd=project, env=env, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr
+
+
+def stage_command(project: Path, stage: str) -> list[str]:
+    """The stage's command as `dvc repro` runs it: dvc.yaml's cmd with its `vars` filled in."""
+    spec = yaml.safe_load((project / "dvc.yaml").read_text())
+    values = {name: value for block in spec["vars"] for name, value in block.items()}
+    return re.sub(r"\$\{(\w+)\}", lambda match: str(values[match[1]]), spec["stages"][stage]["cmd"]).split()
+
+
+def one_line_error(result: subprocess.CompletedProcess, starts: str) -> str:
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.strip().splitlines() if "warning" not in line]
+    assert len(lines) == 1 and lines[0].startswith(starts), result.stderr
+    return lines[0]

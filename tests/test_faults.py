@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import dvc, make_tiny_project, run, set_params
+from helpers import dvc, make_tiny_project, one_line_error, reproduced_tiny_project, run, set_params, stage_command
 from safetensors.torch import load_file, save_file
 
 pytestmark = pytest.mark.e2e
@@ -32,11 +31,7 @@ OUTPUTS = ("data", "models", "metrics")
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny project, reproduced and committed once for the module; each test puts it back as it was."""
-    project = make_tiny_project(tmp_path_factory.mktemp("faults"))
-    dvc(project, "repro")
-    run(project, "git", "add", "-A")
-    run(project, "git", "commit", "-qm", "results")
-    return project
+    return reproduced_tiny_project(tmp_path_factory.mktemp("faults"))
 
 
 @pytest.fixture
@@ -54,21 +49,6 @@ def fingerprint(project: Path) -> dict[str, str]:
         for path in sorted((project / folder).rglob("*"))
         if path.is_file()
     }
-
-
-def stage_command(project: Path, stage: str) -> list[str]:
-    """The stage's command as `dvc repro` runs it: dvc.yaml's cmd with its `vars` filled in."""
-    spec = yaml.safe_load((project / "dvc.yaml").read_text())
-    values = {name: value for block in spec["vars"] for name, value in block.items()}
-    return re.sub(r"\$\{(\w+)\}", lambda match: str(values[match[1]]), spec["stages"][stage]["cmd"]).split()
-
-
-def one_line_error(result: subprocess.CompletedProcess, starts: str) -> str:
-    assert result.returncode == 1, result.stderr
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = [line for line in result.stderr.strip().splitlines() if "warning" not in line]
-    assert len(lines) == 1 and lines[0].startswith(starts), result.stderr
-    return lines[0]
 
 
 # (2) Params: a refusal under `dvc repro` / `dvc exp run` loses no result.

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import uuid
 
-from stages.cli import StageError, command_name, run
+from stages.cli import MACHINE_FIXES, StageError, command_name, run
 
 CREDENTIALS_FIX = (
     "set them in this clone only: `dvc remote modify --local {name} access_key_id ...` and "
@@ -81,6 +81,9 @@ def check_remote(name: str | None) -> str:
         try:
             probe_write(fs, path)
         except Exception as error:
+            fix = MACHINE_FIXES.get(error.errno) if isinstance(error, OSError) else None
+            if fix:  # a full or read-only disk under a local or ssh remote: no key helps
+                raise StageError(f"{label}: {error.strerror}, so `dvc push` would fail; {fix}") from None
             raise StageError(
                 f"{label} can be read but refuses writes ({type(error).__name__}: {error}), so `dvc push` "
                 f"would fail; ask for write access, or use keys that have it "

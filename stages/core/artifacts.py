@@ -1,12 +1,16 @@
 """Writing outputs so that a failed or killed stage never leaves a half-written file behind.
 
 Everything is written to a temporary name in the destination's own folder (same file system, so the
-final `os.replace` is atomic) and renamed into place only once complete.
+final rename is atomic) and renamed into place only once complete. A folder of outputs is switched in
+whole: readers see the complete old set or the complete new one, never a mix (see `atomic_directory`).
+An error of the machine while writing (a full disk, a file-size limit) names the output, not the temporary.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import glob
 import json
 import os
@@ -22,6 +26,7 @@ from pydantic import BaseModel, ValidationError
 from stages.core.errors import Artifact, FileProblem, damaged, first_error, missing
 
 Schema = TypeVar("Schema", bound=BaseModel)
+Made = TypeVar("Made")
 
 # A temporary is named `.tmp-<final name>.<pid>.<8 random chars>`: the output it will become and the
 # process writing it. A later run for the same output removes one only when that process is gone, so a
@@ -43,16 +48,44 @@ def ensure_folder(folder: Path) -> None:
 
 
 @contextlib.contextmanager
+def named_as(path: Path, temp: Path | None = None) -> Iterator[None]:
+    """Let an OSError raised inside that names no file name `path`, and one that names the temporary `temp`
+    (or a file in it) name `path` (or the same file under it).
+
+    A write that fails once the file is open (ENOSPC, EFBIG, EIO) carries no file name, and one that fails
+    in a temporary names a file the user never asked for: the line they see must name the output.
+    """
+    try:
+        yield
+    except OSError as error:
+        names = [Path(os.fsdecode(name)) for name in (error.filename2, error.filename) if name is not None]
+        inside = [path / name.relative_to(temp) for name in names if temp and name.is_relative_to(temp)]
+        if inside or not names:
+            error.filename, error.filename2 = str(inside[0] if inside else path), None
+        raise
+
+
+def _made(path: Path, make: Callable[[], Made]) -> Made:
+    """`make()`, a new temporary for `path`; an OSError names `path`, not the name the temporary would have had."""
+    try:
+        return make()
+    except OSError as error:
+        error.filename, error.filename2 = str(path), None
+        raise
+
+
+@contextlib.contextmanager
 def atomic_file(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it to `path` if the block succeeds."""
     ensure_folder(path.parent)
-    fd, temp = tempfile.mkstemp(prefix=_temp_prefix(path.name), dir=path.parent)
+    fd, temp = _made(path, lambda: tempfile.mkstemp(prefix=_temp_prefix(path.name), dir=path.parent))
     os.close(fd)
-    # mkstemp makes the file private (0600); outputs get the ordinary permissions of a new file.
-    os.chmod(temp, 0o666 & ~_umask())
     try:
-        yield Path(temp)
-        os.replace(temp, path)
+        with named_as(path, Path(temp)):
+            # mkstemp makes the file private (0600); outputs get the ordinary permissions of a new file.
+            os.chmod(temp, 0o666 & ~_umask())
+            yield Path(temp)
+            os.replace(temp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp)
@@ -60,12 +93,14 @@ def atomic_file(path: Path) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def scratch_file(folder: Path, name: str) -> Iterator[Path]:
-    """Yield a temporary path in `folder` that is deleted afterwards, whatever happens."""
+    """Yield a temporary path in `folder` that is deleted afterwards, whatever happens; an OSError names
+    `folder`/`name` instead."""
     ensure_folder(folder)
-    fd, temp = tempfile.mkstemp(prefix=_temp_prefix(name), dir=folder)
+    fd, temp = _made(folder / name, lambda: tempfile.mkstemp(prefix=_temp_prefix(name), dir=folder))
     os.close(fd)
     try:
-        yield Path(temp)
+        with named_as(folder / name, Path(temp)):
+            yield Path(temp)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp)
@@ -86,18 +121,74 @@ def scratch_folder(folder: Path, name: str) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_directory(path: Path) -> Iterator[Path]:
-    """Yield an empty temporary folder beside `path`; it replaces `path` if the block succeeds."""
+    """Yield an empty temporary folder beside `path`; it replaces `path`, in one step, if the block succeeds.
+
+    Until then `path` holds its old files untouched; after, all the new ones. The old folder is switched
+    out under the temporary's name and deleted there, so a kill at any point leaves one whole set at `path`
+    (and a temporary that the next run removes).
+    """
     ensure_folder(path.parent)
+    _put_back_interrupted(path)
     remove_stale_temporaries(path.parent, path.name)
-    temp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path.name), dir=path.parent))
-    os.chmod(temp, 0o777 & ~_umask())
+    temp = Path(_made(path, lambda: tempfile.mkdtemp(prefix=_temp_prefix(path.name), dir=path.parent)))
     try:
-        yield temp
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(temp, path)
+        with named_as(path, temp):
+            os.chmod(temp, 0o777 & ~_umask())
+            yield temp
+            _switch_in(temp, path)
     finally:
         shutil.rmtree(temp, ignore_errors=True)
+
+
+# renameat2(2)'s flag that swaps two existing paths atomically (Linux 3.15+, glibc 2.28+; most local file
+# systems: ext4, xfs, btrfs, tmpfs); relative paths are taken from the working folder (AT_FDCWD).
+RENAME_EXCHANGE = 2
+AT_FDCWD = -100
+_EXCHANGE_UNSUPPORTED = {errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP}
+_PREVIOUS = ".previous"  # the old folder's name while the fallback swaps with two renames
+
+
+def _switch_in(temp: Path, path: Path) -> None:
+    """Put the folder `temp` at `path`; the old `path`, if any, ends up at `temp`."""
+    if not path.exists():
+        os.rename(temp, path)
+    elif not _exchange(temp, path):
+        # Two renames: between them `path` is absent for a moment (never a mix); a kill there leaves the
+        # old folder at `<temp><_PREVIOUS>`, which the next run puts back (_put_back_interrupted).
+        previous = temp.with_name(temp.name + _PREVIOUS)
+        os.rename(path, previous)
+        os.rename(temp, path)
+        os.rename(previous, temp)
+
+
+def _exchange(one: Path, other: Path) -> bool:
+    """Swap two paths in one step; False where this system or file system cannot."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:  # not Linux, or a C library without it
+        return False
+    if renameat2(AT_FDCWD, os.fsencode(one), AT_FDCWD, os.fsencode(other), RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in _EXCHANGE_UNSUPPORTED:
+        return False
+    raise OSError(code, os.strerror(code), str(other))
+
+
+def _put_back_interrupted(path: Path) -> None:
+    """Put back the old folder that a run killed between the fallback's two renames left aside."""
+    if path.exists():
+        return
+    aside = _temporary_of(path.name, _PREVIOUS)
+    for previous in path.parent.glob(f"{glob.escape(TEMP_PREFIX + path.name)}.*{_PREVIOUS}"):
+        match = aside.fullmatch(previous.name)
+        if match and not _is_running(int(match[1])):
+            os.rename(previous, path)
+            return
+
+
+def _temporary_of(name: str, suffix: str = "") -> re.Pattern:
+    """The names of the temporaries for the output `name` (TEMP_PREFIX); group 1 is the writer's pid."""
+    return re.compile(rf"{re.escape(TEMP_PREFIX + name)}\.(\d+)\.[a-z0-9_]{{8}}{re.escape(suffix)}")
 
 
 def _umask() -> int:
@@ -108,7 +199,7 @@ def _umask() -> int:
 
 def remove_stale_temporaries(folder: Path, name: str) -> None:
     """Delete the temporaries for `name` in `folder` whose writing process is gone (a killed run's)."""
-    ours = re.compile(rf"{re.escape(TEMP_PREFIX + name)}\.(\d+)\.[a-z0-9_]{{8}}")
+    ours = _temporary_of(name)
     for leftover in folder.glob(f"{glob.escape(TEMP_PREFIX + name)}.*"):
         match = ours.fullmatch(leftover.name)
         if match is None or _is_running(int(match[1])):
@@ -167,9 +258,18 @@ def write_png(path: Path, image: Any) -> None:
 
 
 def copy_folder(source: Path, destination: Path) -> None:
-    """Replace `destination` with a copy of `source`, atomically."""
-    with atomic_directory(destination) as folder:
-        shutil.copytree(source, folder, dirs_exist_ok=True)
+    """Copy the folder `source` to `destination`, which does not exist yet.
+
+    File by file, not shutil.copytree: that one gathers every failure into a shutil.Error, whose
+    message lists them all and whose OSError carries no file name.
+    """
+    destination.mkdir()
+    for item in sorted(source.rglob("*")):
+        target = destination / item.relative_to(source)
+        if item.is_dir():
+            target.mkdir()
+        else:
+            shutil.copyfile(item, target)
 
 
 def read_json(path: Path) -> Any:

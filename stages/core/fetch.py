@@ -21,8 +21,9 @@ import time
 import urllib.error
 import urllib.request
 import zlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 from urllib.parse import urlparse
 
 from tqdm import tqdm
@@ -47,6 +48,33 @@ class TransientError(Exception):
 
 class MirrorError(Exception):
     """This mirror cannot provide this file; try the next one."""
+
+
+class WriteError(OSError):
+    """Writing the file here failed (a full disk, a file-size limit): no mirror can help, so none is tried."""
+
+
+class Sink:
+    """A file opened for writing whose every failure, the final flush included, is a WriteError naming it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.file = self._checked(open, path, "wb")
+
+    def write(self, block: bytes) -> None:
+        self._checked(self.file.write, block)
+
+    def __enter__(self) -> Sink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._checked(self.file.close)
+
+    def _checked(self, method: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return method(*args)
+        except OSError as error:
+            raise WriteError(error.errno, error.strerror, str(self.path)) from None
 
 
 def prepare_folder(out: Path, dataset: DatasetSpec) -> None:
@@ -108,6 +136,8 @@ def copy_from(source: str, destination: Path, *, timeout_s: float, label: str) -
     try:
         with open_source(source, timeout_s) as (stream, expected_size):
             copied = copy_with_progress(stream, destination, expected_size, label)
+    except WriteError:
+        raise
     except urllib.error.HTTPError as error:
         reason = f"HTTP {error.code} {error.reason}"
         error.close()
@@ -183,7 +213,7 @@ def copy_with_progress(stream: BinaryIO, destination: Path, expected_size: int |
         file=sys.stderr,
         disable=not stderr_is_terminal(),
     )
-    with open(destination, "wb") as sink, bar:
+    with Sink(destination) as sink, bar:
         for block in iter(lambda: stream.read(CHUNK), b""):
             sink.write(block)
             copied += len(block)
@@ -201,7 +231,7 @@ def verify_and_decompress(spec: FileSpec, compressed: Path, payload: Path) -> st
     payload_sha256 = hashlib.sha256()
     written = 0
     try:
-        with gzip.open(compressed, "rb") as source, open(payload, "wb") as sink:
+        with gzip.open(compressed, "rb") as source, Sink(payload) as sink:
             for block in iter(lambda: source.read(CHUNK), b""):
                 written += len(block)
                 # A mirror serving something else must not fill the disk before the checksum says so.
@@ -209,6 +239,8 @@ def verify_and_decompress(spec: FileSpec, compressed: Path, payload: Path) -> st
                     raise MirrorError(f"decompresses to more than the expected {spec.payload_size:,} bytes")
                 payload_sha256.update(block)
                 sink.write(block)
+    except WriteError:
+        raise
     except (OSError, EOFError, zlib.error) as error:
         raise MirrorError(f"not a valid gzip file ({error})") from None
     if spec.gz_md5 is not None and gz_md5 == spec.gz_md5:
