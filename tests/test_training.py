@@ -18,9 +18,9 @@ from stages.cli import StageError
 from stages.core.contract import Architecture
 from stages.core.model import Card, Conv3x3, ConvNet, architecture_for, build_model, init_model, load_model, save_model
 from stages.core.resume import STATE, Checkpoint, input_key
-from stages.core.runtime import autocast_for, make_deterministic
+from stages.core.runtime import make_deterministic
 from stages.core.splits import Meta
-from stages.core.training import BestEpoch, EpochLog, train_best
+from stages.core.training import BestEpoch, EpochLog, TrainState, fit
 from stages.params import parse_section
 from stages.train import TrainParams
 
@@ -148,23 +148,22 @@ def test_best_epoch_keeps_the_lowest_validation_loss_and_counts_patience() -> No
 
 
 def run_epochs(params: TrainParams, log: Log, state: Path | None = None, kill_at: int | None = None):
-    """train_best as the stage calls it, on a fresh model; returns the model and how it stopped.
+    """fit as the stage calls it, on a fresh model; returns the model and how it stopped.
     `kill_at`: raise as a kill would while epoch `kill_at` is being saved (its state never lands)."""
     device = torch.device(params.device)
     architecture = architecture_for(params.model, params.hidden, META, params.channels)
     model = init_model(architecture, params.seed, device)
     checkpoint = Checkpoint(state) if state else None
 
-    def save(saved: dict) -> None:
-        if saved["fit"]["epoch"] == kill_at:
+    def save(saved: TrainState) -> None:
+        if saved.epoch == kill_at:
             raise KeyboardInterrupt("killed")
         checkpoint.save(saved)
 
     resume = checkpoint.load() if checkpoint else None
     train_set, val_set = (tuple(t.to(device) for t in data(count, seed)) for count, seed in ((300, 0), (100, 1)))
-    autocast = autocast_for(device, params.precision)
     save = save if checkpoint else None
-    stopped = train_best(model, train_set, val_set, params, autocast, report=log, resume=resume, save=save)
+    stopped = fit(model, train_set, val_set, params.fit_config(), resume=resume, report=log, save=save)
     return model, stopped
 
 

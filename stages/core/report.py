@@ -7,8 +7,7 @@ from typing import TypedDict
 
 import torch
 
-from stages.core.metrics import CalibrationRow, calibration, confusion_matrix, per_class_scores
-from stages.core.training import score
+from stages.core.metrics import CalibrationRow, calibration, confusion_matrix, per_class_scores, score
 
 CELL_SCALE = 4  # misclassified images are drawn at 4x (28 px -> 112 px) so the labels fit below them
 GUTTER = 4  # grey pixels between the cells of the misclassified grid

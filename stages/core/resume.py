@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from stages.core.training import TrainState
+
 STATE = "state.pt"
 
 
@@ -45,19 +47,19 @@ class Checkpoint:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
 
-    def load(self) -> dict[str, Any] | None:
+    def load(self) -> TrainState | None:
         """The state an earlier, interrupted run of the same inputs saved; None if there is none."""
         path = self.folder / STATE
         if not path.is_file():
             return None
         # Our own file, but still loaded without executing pickled code: tensors, numbers, strings and dicts.
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return TrainState.from_dict(torch.load(path, map_location="cpu", weights_only=True))
 
-    def save(self, state: dict[str, Any]) -> None:
+    def save(self, state: TrainState) -> None:
         """Write `state` to a temporary name and rename it, so a kill mid-write keeps the previous epoch's."""
         self.folder.mkdir(parents=True, exist_ok=True)
         temp = self.folder / f".{STATE}.{os.getpid()}.tmp"
-        torch.save(state, temp)
+        torch.save(state.to_dict(), temp)
         os.replace(temp, self.folder / STATE)
 
     def remove(self) -> None:
