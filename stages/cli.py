@@ -163,7 +163,9 @@ def restore_outputs() -> list[str]:
     with the repo lock released and DVC_STAGE / DVC_ROOT set. The outputs recorded in dvc.lock are still in
     the cache, so DVC's own Output.checkout puts them back; the stage's rwlock entry, held by the running
     `dvc repro`, is not taken (Output.checkout is not rwlocked, Stage.checkout is). `cache: false` outputs
-    are not in the cache: dvc.yaml marks those `persist: true`, so DVC never deletes them.
+    are not in the cache: dvc.yaml marks those `persist: true`, so DVC never deletes them. DVC has no public
+    API for this (`dvc checkout` would wait for the lock `dvc repro` holds); tests/test_upstream.py fails
+    when these internals move.
     """
     stage_name, root = os.environ.get("DVC_STAGE"), os.environ.get("DVC_ROOT")
     if not stage_name or not root:
