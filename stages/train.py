@@ -19,6 +19,7 @@ import torch
 
 from stages.cli import StageError, argument_parser, explained, numerics_in_effect, run, warn
 from stages.core.artifacts import atomic_directory
+from stages.core.curves import write_curves
 from stages.core.distributed import (
     SINGLE,
     World,
@@ -99,31 +100,28 @@ def main() -> None:
 
 @contextlib.contextmanager
 def epoch_log(folder: Path, live_folder: Path | None, epochs: int, device: str) -> Iterator[Callable[[EpochLog], None]]:
-    """DVCLive's curves and summary in `folder`, one step per epoch, and a line on the terminal for each
-    epoch trained now (not one replayed on resume).
+    """The curves and summary in `folder` (DVCLive's files), rewritten as each epoch ends, and a line on the
+    terminal for each epoch trained now (not one replayed on resume).
 
-    With `live_folder` (--live), DVCLive writes there, where the curves are readable while training runs,
-    in a folder DVC never deletes (not an output, so train's run-cache stays on), and it is copied at the end.
+    With `live_folder` (--live), the curves go there, where they are readable while training runs, in a
+    folder DVC never deletes (not an output, so train's run-cache stays on), and are copied at the end.
     """
-    from dvclive import Live  # imported here: it is the slowest import of the stage
+    history: list[dict[str, float]] = []
 
-    with Live(str(live_folder or folder), dvcyaml=False, save_dvc_exp=False, report=None) as live:
+    def report(log: EpochLog) -> None:
+        history.append(log.metrics)
+        write_curves(live_folder or folder, history)
+        if log.seconds is not None:
+            m = log.metrics
+            print(
+                f"train: epoch {log.epoch}/{epochs}: train loss {m['train/loss']:.4f} accuracy "
+                f"{m['train/accuracy']:.4f}, val loss {m['val/loss']:.4f} accuracy {m['val/accuracy']:.4f}, "
+                f"{log.seconds:.1f} s",
+                flush=True,
+            )
 
-        def report(log: EpochLog) -> None:
-            for name, value in log.metrics.items():
-                live.log_metric(name, value)
-            live.next_step()
-            if log.seconds is not None:
-                m = log.metrics
-                print(
-                    f"train: epoch {log.epoch}/{epochs}: train loss {m['train/loss']:.4f} accuracy "
-                    f"{m['train/accuracy']:.4f}, val loss {m['val/loss']:.4f} accuracy {m['val/accuracy']:.4f}, "
-                    f"{log.seconds:.1f} s",
-                    flush=True,
-                )
-
-        yield report
-        live.summary["device"] = device
+    yield report
+    write_curves(live_folder or folder, history, {"device": device})
     if live_folder:
         shutil.copytree(live_folder, folder)
 

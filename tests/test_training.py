@@ -16,6 +16,7 @@ from torch import nn
 
 from stages.cli import StageError
 from stages.core.contract import Architecture
+from stages.core.curves import write_curves
 from stages.core.model import Card, Conv3x3, ConvNet, architecture_for, build_model, init_model, load_model, save_model
 from stages.core.resume import STATE, Checkpoint, input_key
 from stages.core.runtime import make_deterministic
@@ -233,3 +234,35 @@ def test_the_cnn_on_cuda_trains_what_the_cpu_trains(precision: str) -> None:
     assert agreement >= 0.95
     if precision == "fp32":
         assert difference < 1e-3
+
+
+def test_the_curves_are_the_bytes_dvclive_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The oracle: DVCLive's Live, as the train stage called it before it wrote the files itself."""
+    from dvclive import Live
+
+    monkeypatch.chdir(tmp_path)  # outside any repository: DVCLive only writes its files
+    history = [
+        {"train/loss": 1.572439, "train/accuracy": 0.7456, "val/loss": 0.68, "val/accuracy": 0.8162},
+        {"train/loss": 0.541536, "train/accuracy": 0.835811, "val/loss": 0.492712, "val/accuracy": 0.8406},
+        {"train/loss": 0.5, "train/accuracy": 1.0, "val/loss": 2e-07, "val/accuracy": 0.0},
+    ]
+    with Live(str(tmp_path / "dvclive"), dvcyaml=False, save_dvc_exp=False, report=None) as live:
+        for metrics in history:
+            for name, value in metrics.items():
+                live.log_metric(name, value)
+            live.next_step()
+        live.summary["device"] = "cpu"
+    for epochs in range(1, len(history) + 1):  # rewritten after each epoch, as the stage does
+        write_curves(tmp_path / "ours", history[:epochs])
+    write_curves(tmp_path / "ours", history, {"device": "cpu"})
+    theirs = {
+        path.relative_to(tmp_path / "dvclive"): path.read_bytes()
+        for path in (tmp_path / "dvclive").rglob("*")
+        if path.is_file()
+    }
+    ours = {
+        path.relative_to(tmp_path / "ours"): path.read_bytes()
+        for path in (tmp_path / "ours").rglob("*")
+        if path.is_file()
+    }
+    assert ours == theirs
