@@ -234,3 +234,19 @@ def test_saved_model_round_trips_and_is_the_same_bytes_in_another_process(tmp_pa
     )
     for name in ("model.safetensors", "model.json"):
         assert (tmp_path / "again" / name).read_bytes() == (tmp_path / name).read_bytes()
+
+
+def test_report_tables_are_the_bytes_pandas_wrote(tmp_path: Path) -> None:
+    """The oracle: pandas' to_csv and to_markdown, which evaluate called before it wrote them without pandas."""
+    pd = pytest.importorskip("pandas")
+    from stages.core.artifacts import write_csv
+    from stages.core.report import markdown_table
+
+    rows = [
+        {"class": "T-shirt/top", "precision": 0.81234567, "recall": 1.0, "f1": 0.0, "support": 1000},
+        {"class": 'a "quoted", name', "precision": 1e-05, "recall": 0.5, "f1": 0.333333, "support": 7},
+    ]
+    write_csv(tmp_path / "ours.csv", rows)
+    pd.DataFrame(rows).to_csv(tmp_path / "pandas.csv", index=False, lineterminator="\n")
+    assert (tmp_path / "ours.csv").read_bytes() == (tmp_path / "pandas.csv").read_bytes()
+    assert markdown_table(rows) == pd.DataFrame(rows).to_markdown(index=False, floatfmt=".4f") + "\n"

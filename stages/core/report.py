@@ -69,9 +69,9 @@ def build_report(logits: torch.Tensor, labels: torch.Tensor, classes: tuple[str,
 
 
 def markdown_table(rows: list[ClassRow]) -> str:
-    import pandas as pd
+    from tabulate import tabulate  # what pandas' to_markdown calls, without pandas' second of import
 
-    return pd.DataFrame(rows).to_markdown(index=False, floatfmt=".4f") + "\n"
+    return tabulate(rows, headers="keys", tablefmt="pipe", floatfmt=".4f") + "\n"
 
 
 def misclassified_grid(
