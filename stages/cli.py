@@ -63,16 +63,18 @@ def explained(key: str | None = None, fix: str | None = None) -> Iterator[None]:
         raise StageError(f"{message}; {fix}" if fix else message) from None
 
 
-def command_name() -> str:
-    """What the user typed to run this stage: `python -m stages.train`, not `train.py`."""
+def prog(typed: bool = False) -> str:
+    """This command's name as its messages begin (`train`), or, `typed`, as the user typed it
+    (`python -m stages.train`, not `train.py`)."""
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
     if spec is not None and spec.name:
-        return f"python -m {spec.name}"
-    return Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "stage"
+        return f"python -m {spec.name}" if typed else spec.name.rpartition(".")[2]
+    path = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path("stage")
+    return path.name if typed else path.stem
 
 
 def argument_parser(description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=command_name(), description=description)
+    parser = argparse.ArgumentParser(prog=prog(typed=True), description=description)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: params.yaml)")
     return parser
 
@@ -103,10 +105,6 @@ def run(main: Callable[[], None]) -> None:
     except Exception as error:  # a bug: its traceback follows; a training process tells its launcher first
         record_failure(f"{type(error).__name__}: {error}", traceback.format_exc())
         raise
-
-
-def prog() -> str:
-    return Path(sys.argv[0]).stem if sys.argv and sys.argv[0] else "stage"
 
 
 def warn(message: str) -> None:
