@@ -24,14 +24,14 @@ import psutil
 import pytest
 import torch
 import yaml
-from helpers import dvc, make_tiny_project, project_env, run, set_params, stages_run, synthetic_split
+from helpers import dvc, make_tiny_project, project_env, run, set_params, sgd_epoch, stages_run, synthetic_split
 
 from stages.cli import StageError
 from stages.core.distributed import LOGS, SINGLE, World, joined, process_device, shard
 from stages.core.errors import SettingError
 from stages.core.model import architecture_for, init_model
 from stages.core.splits import Meta
-from stages.core.training import EpochLog, FitConfig, batch_loss, fit
+from stages.core.training import EpochLog, batch_loss, fit
 from stages.params import parse_section
 from stages.train import TrainParams, place, world_of
 
@@ -127,18 +127,7 @@ def oracle_epoch(world: World) -> tuple[dict[str, torch.Tensor], tuple[float, fl
     model = init_model(architecture_for("cnn", (16,), META, (4, 8)), 0, torch.device("cpu"))
     images, labels = synthetic_split(ORACLE_IMAGES, seed=3)
     dataset = (images, labels.long())
-    config = FitConfig(
-        optimizer="sgd",
-        lr=0.1,
-        lr_schedule="constant",
-        momentum=0.9,
-        weight_decay=0.0,
-        batch_size=ORACLE_BATCH,
-        epochs=1,
-        early_stopping=0,
-        seed=0,
-        precision="fp32",
-    )
+    config = sgd_epoch(lr=0.1, batch_size=ORACLE_BATCH, momentum=0.9)
     logs: list[EpochLog] = []
     fit(model, dataset, dataset, config, world, report=logs.append)
     return model.state_dict(), (logs[0].metrics["train/loss"], logs[0].metrics["train/accuracy"])

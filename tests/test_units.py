@@ -10,13 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import sgd_epoch
 
 from stages.core.errors import SettingError
 from stages.core.metrics import calibration, confusion_matrix, per_class_scores, predict, score
 from stages.core.model import Card, Classifier, architecture_for, load_model, save_model
 from stages.core.runtime import autocast_for, resolve_device
 from stages.core.splits import Meta, pixel_statistics, split_train_val
-from stages.core.training import EpochLog, FitConfig, epoch_order, fit, make_optimizer, make_schedule
+from stages.core.training import EpochLog, epoch_order, fit, make_optimizer, make_schedule
 
 CLASSES = tuple(str(k) for k in range(10))
 META = Meta(dataset="digits", classes=CLASSES, image_shape=(28, 28), sizes={"train": 1}, mean=0.25, std=0.5)
@@ -82,22 +83,6 @@ def test_the_architecture_model_decides_the_layers() -> None:
         logreg.model_validate(logreg.model_dump() | {"hidden": (8,)})
 
 
-def sgd(lr: float, batch_size: int) -> FitConfig:
-    """One epoch of plain SGD at a constant `lr`."""
-    return FitConfig(
-        optimizer="sgd",
-        lr=lr,
-        lr_schedule="constant",
-        momentum=0.0,
-        weight_decay=0.0,
-        batch_size=batch_size,
-        epochs=1,
-        early_stopping=0,
-        seed=0,
-        precision="fp32",
-    )
-
-
 def test_one_sgd_step_equals_the_closed_form_gradient() -> None:
     """Softmax cross-entropy: dL/dW = (softmax(XW^T + b) - onehot)^T X / B, the oracle for autograd + SGD."""
     torch.manual_seed(1)
@@ -111,7 +96,7 @@ def test_one_sgd_step_equals_the_closed_form_gradient() -> None:
     expected_weight = weight - lr * residual.T @ inputs / 8
     expected_bias = bias - lr * residual.mean(0)
 
-    fit(model, (images, labels), (images, labels), sgd(lr, batch_size=8))  # one epoch, one batch: one step
+    fit(model, (images, labels), (images, labels), sgd_epoch(lr, batch_size=8))  # one epoch, one batch: one step
     torch.testing.assert_close(model.layers[0].weight.detach(), expected_weight, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(model.layers[0].bias.detach(), expected_bias, rtol=1e-4, atol=1e-5)
 
@@ -123,7 +108,7 @@ def test_train_epoch_reports_the_mean_loss_over_batches_of_unequal_size() -> Non
     labels = torch.randint(0, 10, (10,))
     untrained = F.cross_entropy(model(images), labels).item()
     logs: list[EpochLog] = []
-    fit(model, (images, labels), (images, labels), sgd(0.0001, batch_size=4), report=logs.append)  # 4 + 4 + 2
+    fit(model, (images, labels), (images, labels), sgd_epoch(0.0001, batch_size=4), report=logs.append)  # 4 + 4 + 2
     # With a tiny lr the weights hardly move, so the mean is close to the loss of the untrained model.
     assert logs[0].metrics["train/loss"] == pytest.approx(untrained, rel=1e-2)
 
