@@ -58,7 +58,9 @@ class TrainConfig(BaseModel):
     epochs: int
     early_stopping: int
     seed: int  # initial weights and shuffling
-    threads: int  # CPU threads for torch's ops, per process; part of the recipe, as the float sums depend on it
+    # CPU threads for the matrix products, per process; auto = this process's share of its cores. A speed
+    # knob only: the bytes do not depend on it, so the recipe leaves it out.
+    threads: int | Literal["auto"]
     processes: int  # processes training together, each on its part of every batch (torch.distributed)
     device: str  # auto | cpu | cuda | cuda:N | mps
     precision: Literal["fp32", "bf16", "fp16"]
@@ -71,10 +73,10 @@ class TrainConfig(BaseModel):
         """What the weights depend on besides the architecture, for the card.
 
         `hidden`, `channels` and `device` are recorded elsewhere (the architecture, the device actually
-        used), so that a change that cannot change the weights leaves the model's bytes untouched;
-        `processes` only when several trained, so that a one-process card keeps its bytes.
+        used), and `threads` not at all, so that a change that cannot change the weights leaves the model's
+        bytes untouched; `processes` only when several trained, so that a one-process card keeps its bytes.
         """
-        recipe = self.model_dump(exclude={"model", "hidden", "channels", "device", "processes"})
+        recipe = self.model_dump(exclude={"model", "hidden", "channels", "device", "processes", "threads"})
         if self.processes > 1:
             recipe["processes"] = self.processes
         return recipe
