@@ -119,10 +119,11 @@ def project(threads: int, device: str, precision: str) -> dict:
     # isort: split
     import torch
 
+    from stages.core.metrics import predict, score
     from stages.core.model import architecture_for, init_model
-    from stages.core.runtime import autocast_for, make_deterministic, set_cpu_threads
+    from stages.core.runtime import make_deterministic, set_cpu_threads
     from stages.core.splits import load_split, read_meta
-    from stages.core.training import fit, predict, score
+    from stages.core.training import fit
     from stages.params import parse_section, read_params_file
     from stages.train import TrainParams
     from tests.helpers import RECIPES
@@ -137,14 +138,16 @@ def project(threads: int, device: str, precision: str) -> dict:
     train_set, val_set = load_split(PROCESSED, "train", on), load_split(PROCESSED, "val", on)
     test_images, test_labels = load_split(PROCESSED, "test", on)
     model = init_model(architecture_for(params.model, params.hidden, meta, params.channels), params.seed, on)
-    curve, times, elapsed = [], [], 0.0
-    start = time.perf_counter()
-    for _ in fit(model, train_set, val_set, params, autocast_for(on, precision)):
+    curve, times, clock = [], [], {"elapsed": 0.0, "start": time.perf_counter()}
+
+    def after_epoch(log) -> None:
         synchronize(on)
-        elapsed += time.perf_counter() - start
-        times.append(elapsed)
+        clock["elapsed"] += time.perf_counter() - clock["start"]
+        times.append(clock["elapsed"])
         curve.append(round(score(predict(model, test_images), test_labels).accuracy, 4))  # off the clock
-        start = time.perf_counter()
+        clock["start"] = time.perf_counter()
+
+    fit(model, train_set, val_set, params.fit_config(), report=after_epoch)
     reached = next((t for t, accuracy in zip(times, curve, strict=True) if accuracy >= TARGET), None)
     return {"epoch_s": times[-1] / len(times), "to_target_s": reached, "curve": curve}
 
@@ -237,6 +240,11 @@ def main() -> None:
     elif a is not None:
         print(f"time to {TARGET}, (a)/(b): not comparable, a variant did not reach {TARGET}")
     print(f"epoch / compute floor, (c): {c['epoch_s'] / c['floor_s']:.2f}x  (target <= 1.5x)")
+    if a is not None:
+        print(
+            f"peak memory (b)/(a): {b['peak_mb']:.0f} MB / {a['peak_mb']:.0f} MB = {b['peak_mb'] / a['peak_mb']:.2f}x"
+            "  (target <= 1x)"
+        )
     print(f"load average at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
     print(json.dumps({"example": a, "project": b, "floor": c}))
 

@@ -150,16 +150,18 @@ class NamedOutput:
             raise
 
 
-def command_name() -> str:
-    """What the user typed to run this stage: `python -m stages.train`, not `train.py`."""
+def prog(typed: bool = False) -> str:
+    """This command's name as its messages begin (`train`), or, `typed`, as the user typed it
+    (`python -m stages.train`, not `train.py`)."""
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
     if spec is not None and spec.name:
-        return f"python -m {spec.name}"
-    return Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "stage"
+        return f"python -m {spec.name}" if typed else spec.name.rpartition(".")[2]
+    path = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path("stage")
+    return path.name if typed else path.stem
 
 
 def argument_parser(description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=command_name(), description=description)
+    parser = argparse.ArgumentParser(prog=prog(typed=True), description=description)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: params.yaml)")
     return parser
 
@@ -202,10 +204,6 @@ def bug(error: Exception) -> NoReturn:
     """Re-raise `error` (its traceback follows); a training process tells its launcher first."""
     record_failure(f"{type(error).__name__}: {error}", traceback.format_exc())
     raise error
-
-
-def prog() -> str:
-    return Path(sys.argv[0]).stem if sys.argv and sys.argv[0] else "stage"
 
 
 def warn(message: str) -> None:
@@ -262,7 +260,9 @@ def restore_outputs() -> list[str]:
     with the repo lock released and DVC_STAGE / DVC_ROOT set. The outputs recorded in dvc.lock are still in
     the cache, so DVC's own Output.checkout puts them back; the stage's rwlock entry, held by the running
     `dvc repro`, is not taken (Output.checkout is not rwlocked, Stage.checkout is). `cache: false` outputs
-    are not in the cache: dvc.yaml marks those `persist: true`, so DVC never deletes them.
+    are not in the cache: dvc.yaml marks those `persist: true`, so DVC never deletes them. DVC has no public
+    API for this (`dvc checkout` would wait for the lock `dvc repro` holds); tests/test_upstream.py fails
+    when these internals move.
     """
     stage_name, root = os.environ.get("DVC_STAGE"), os.environ.get("DVC_ROOT")
     if not stage_name or not root:

@@ -13,11 +13,11 @@ from pathlib import Path
 from stages.cli import argument_parser, explained, memory_set_by, numerics_in_effect, run
 from stages.core import files
 from stages.core.artifacts import atomic_directory, copy_folder, write_csv, write_json, write_png, write_text
+from stages.core.metrics import predict
 from stages.core.model import check_trained_for, load_model
 from stages.core.report import build_report, markdown_table, misclassified_grid
 from stages.core.runtime import available_cores, make_deterministic, resolve_device, set_cpu_threads
 from stages.core.splits import load_split, read_meta
-from stages.core.training import predict
 from stages.params import Params, check_device, load_section, require
 
 

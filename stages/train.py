@@ -1,7 +1,7 @@
 """Stage `train`: fit the model named by `train.model` on the train split; write `models/`.
 
 Writes the weights (safetensors), a model card (architecture, classes, normalisation, the recipe and the
-device used) and the training curves and summary through DVCLive, all into one folder that appears
+device used) and the training curves and summary (in DVCLive's layout), all into one folder that appears
 only when training has finished.
 """
 
@@ -9,19 +9,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
-import functools
-import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from stages.cli import StageError, argument_parser, explained, memory_set_by, numerics_in_effect, run, warn
 from stages.core.artifacts import atomic_directory, copy_folder, named_as
-from stages.core.contract import Stopped
+from stages.core.curves import write_curves
 from stages.core.distributed import (
     SINGLE,
     World,
@@ -44,7 +40,7 @@ from stages.core.runtime import (
     set_cpu_threads,
 )
 from stages.core.splits import load_split, read_meta
-from stages.core.training import EpochLog, TrainConfig, train_best
+from stages.core.training import EpochLog, TrainConfig, TrainState, fit
 from stages.params import Params, check_device, load_section, require
 
 
@@ -71,99 +67,71 @@ def main() -> None:
     args = arguments()
     params = load_section(args.params, "train", TrainParams)
     world = world_of(params)
-    device, autocast = place(params, world)
-    local_processes = world.local_size if world else params.processes
-    threads = resolve_threads(params.threads, local_processes)
-    if world is None or world.local_rank == 0:
-        warn_if_oversubscribed(threads, local_processes)
+    device = place(params, world)
+    threads = threads_here(params, world)
     if world is None and params.processes > 1:
         read_meta(args.data)  # a missing input is one line from here, before any process starts
         launch(params.processes, ["-m", "stages.train", *sys.argv[1:]])
         return
-    world = world or SINGLE
+    world = world or SINGLE  # decided here, once: the loop below only wraps the model and shards each batch
     if world.size > 1:
         guard_worker()
     make_deterministic(params.tf32)
     set_cpu_threads(threads)
-    numerics = numerics_in_effect()
-
+    numerics, config = numerics_in_effect(), params.fit_config()
     meta = read_meta(args.data)
     train_set, val_set = load_split(args.data, "train", device), load_split(args.data, "val", device)
     architecture = architecture_for(params.model, params.hidden, meta, params.channels)
     model = init_model(architecture, params.seed, device)
     checkpoint, resume = open_checkpoint(args.resume, params, args.data, world)
-    diverged = f"lower train.lr (now {params.lr}); nothing was written"
     with (
         joined(world, device, args.peer_timeout),
-        explained("train.lr", fix=diverged),
+        explained("train.lr", fix=f"lower train.lr (now {params.lr}); nothing was written"),
         memory_set_by("train.batch_size"),
     ):
         resume = from_rank_zero(resume, world)  # every process continues from the state rank 0 found
-        train = functools.partial(train_best, model, train_set, val_set, params, autocast, resume=resume, world=world)
         if world.rank > 0:  # trains its part of each batch; rank 0 reports, saves the state, writes the model
-            train(report=lambda log: None)
+            fit(model, train_set, val_set, config, world, resume=resume)
             return
         used = str(device) if world.size == 1 else device.type  # several processes: one GPU each
         recorded = {"device": used, "numerics": numerics, "recipe": params.recipe()}
         card = Card(architecture=architecture, classes=meta.classes, dataset=meta.dataset, **recorded)
-        write_model(args.out, args.live, model, card, train, checkpoint.save if checkpoint else None)
+        with atomic_directory(args.out) as folder:
+            with epoch_log(folder / TRAINING_LOG, args.live, params.epochs, used) as report:
+                save = checkpoint.save if checkpoint else None
+                stopped = fit(model, train_set, val_set, config, world, resume=resume, report=report, save=save)
+            save_model(folder, model, card.model_copy(update={"stopped": stopped}))
     if checkpoint:
         checkpoint.remove()
 
 
-def write_model(
-    out: Path,
-    live_folder: Path | None,
-    model: torch.nn.Module,
-    card: Card,
-    train: Callable[..., Stopped],
-    save: Callable[[dict], None] | None,
-) -> None:
-    """Train (`train`: train_best with its model and data), logging each epoch and (with `save`) saving the
-    state after it, then write the model of the best epoch and its `card` into `out`, all at once."""
-    with atomic_directory(out) as folder:
-        # --live: curves readable as each epoch ends, in a folder DVC never deletes (no output: train's
-        # run-cache stays on); copied into the model folder at the end.
-        log = live_folder or folder / TRAINING_LOG
-        with named_as(log), opened_live(log) as live:
-            stopped = train(report=functools.partial(report_epoch, live, card.recipe["epochs"]), save=save)
-            live.summary["device"] = card.device
-        if live_folder:
-            copy_folder(live_folder, folder / TRAINING_LOG)
-        save_model(folder, model, card.model_copy(update={"stopped": stopped}))
-
-
 @contextlib.contextmanager
-def opened_live(folder: Path) -> Iterator[Any]:
-    """DVCLive logging into `folder`.
+def epoch_log(folder: Path, live_folder: Path | None, epochs: int, device: str) -> Iterator[Callable[[EpochLog], None]]:
+    """The curves and summary in `folder` (DVCLive's files), rewritten as each epoch ends, and a line on the
+    terminal for each epoch trained now (not one replayed on resume).
 
-    DVCLive opens the DVC repository, whose state is a sqlite database in DVC's site cache: a full disk or
-    a file-size limit there fails in sqlite, whose error names neither the file nor the cause; this does.
+    With `live_folder` (--live), the curves go there, where they are readable while training runs, in a
+    folder DVC never deletes (not an output, so train's run-cache stays on), and are copied at the end.
     """
-    import resource
-    import sqlite3
+    history: list[dict[str, float]] = []
 
-    from dvc.dirs import site_cache_dir
-    from dvclive import Live  # imported here: it is the slowest import of the stage
+    def report(log: EpochLog) -> None:
+        history.append(log.metrics)
+        write_curves(live_folder or folder, history)
+        if log.seconds is not None:
+            m = log.metrics
+            print(
+                f"train: epoch {log.epoch}/{epochs}: train loss {m['train/loss']:.4f} accuracy "
+                f"{m['train/accuracy']:.4f}, val loss {m['val/loss']:.4f} accuracy {m['val/accuracy']:.4f}, "
+                f"{log.seconds:.1f} s",
+                flush=True,
+            )
 
-    try:
-        live = Live(str(folder), dvcyaml=False, save_dvc_exp=False, report=None)
-    except sqlite3.OperationalError as error:
-        if "full" in str(error):  # "database or disk is full"
-            code = errno.ENOSPC
-        else:  # "disk I/O error": sqlite's word for a write refused by the file-size limit, too
-            limited = resource.getrlimit(resource.RLIMIT_FSIZE)[0] != resource.RLIM_INFINITY
-            code = errno.EFBIG if limited else errno.EIO
-        raise OSError(code, f"{os.strerror(code)} (DVC's state database: sqlite {error})", site_cache_dir()) from None
-    try:
-        yield live
-    except BaseException:
-        # Training failed: its error is the line to show. DVCLive's end (its last writes, a thread that posts
-        # to Studio) can fail for the same cause (out of memory, a full disk) and would hide it.
-        with contextlib.suppress(Exception):
-            live.end()
-        raise
-    live.end()
+    with named_as(live_folder or folder):
+        yield report
+        write_curves(live_folder or folder, history, {"device": device})
+    if live_folder:
+        copy_folder(live_folder, folder)
 
 
 def arguments() -> argparse.Namespace:
@@ -193,20 +161,20 @@ def world_of(params: TrainParams) -> World | None:
     return world
 
 
-def place(params: TrainParams, world: World | None) -> tuple[torch.device, contextlib.AbstractContextManager]:
-    """This process's device (one GPU each when several processes train on CUDA) and its autocast."""
+def place(params: TrainParams, world: World | None) -> torch.device:
+    """This process's device (one GPU each when several processes train on CUDA), its precision checked."""
     with explained("train.device"):
         device = resolve_device(params.device)
     with explained("train.processes", fix="lower train.processes, or change train.device"):
         device = process_device(device, params.processes, world)
     with explained("train.precision"):
-        autocast = autocast_for(device, params.precision)
-    return device, autocast
+        autocast_for(device, params.precision)
+    return device
 
 
 def open_checkpoint(
     folder: Path | None, params: TrainParams, data: Path, world: World
-) -> tuple[Checkpoint | None, dict | None]:
+) -> tuple[Checkpoint | None, TrainState | None]:
     """The state folder of this run's exact inputs (none without --resume), and what an interrupted run of
     the same inputs saved there. Rank 0's alone: it saves the state, and sends it to the other processes,
     which may run on machines that have no such folder."""
@@ -215,23 +183,20 @@ def open_checkpoint(
     checkpoint = Checkpoint(folder / input_key(params.model_dump(mode="json"), data))
     resume = checkpoint.load()
     if resume:
-        done = len(resume["history"])
-        print(f"train: resuming after epoch {done} of {params.epochs} (state in {checkpoint.folder})", flush=True)
+        print(
+            f"train: resuming after epoch {resume.epoch} of {params.epochs} (state in {checkpoint.folder})", flush=True
+        )
     return checkpoint, resume
 
 
-def report_epoch(live, epochs: int, log: EpochLog) -> None:
-    """One DVCLive step, and one line on the terminal for an epoch trained now (not one replayed on resume)."""
-    for name, value in log.metrics.items():
-        live.log_metric(name, value)
-    live.next_step()
-    if log.seconds is not None:
-        m = log.metrics
-        print(
-            f"train: epoch {log.epoch}/{epochs}: train loss {m['train/loss']:.4f} accuracy {m['train/accuracy']:.4f}, "
-            f"val loss {m['val/loss']:.4f} accuracy {m['val/accuracy']:.4f}, {log.seconds:.1f} s",
-            flush=True,
-        )
+def threads_here(params: TrainParams, world: World | None) -> int:
+    """The CPU threads of each process on this machine; the first process here warns when they outnumber
+    its cores."""
+    local_processes = world.local_size if world else params.processes
+    threads = resolve_threads(params.threads, local_processes)
+    if world is None or world.local_rank == 0:
+        warn_if_oversubscribed(threads, local_processes)
+    return threads
 
 
 def warn_if_oversubscribed(threads: int, processes: int = 1) -> None:

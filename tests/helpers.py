@@ -20,6 +20,7 @@ import torch
 import yaml
 
 from stages import numerics
+from stages.core.training import FitConfig
 
 PROJECT = Path(__file__).resolve().parent.parent
 PYTHON_BIN = str(Path(sys.executable).parent)  # the venv's bin: `python` and `dvc` in dvc.yaml resolve here
@@ -297,3 +298,19 @@ def one_line_error(result: subprocess.CompletedProcess, starts: str) -> str:
     lines = [line for line in result.stderr.strip().splitlines() if "warning" not in line]
     assert len(lines) == 1 and lines[0].startswith(starts), result.stderr
     return lines[0]
+
+
+def sgd_epoch(lr: float, batch_size: int, momentum: float = 0.0) -> FitConfig:
+    """One epoch of SGD at a constant `lr`, shuffled by seed 0: the training loop's smallest run."""
+    return FitConfig(
+        optimizer="sgd",
+        lr=lr,
+        lr_schedule="constant",
+        momentum=momentum,
+        weight_decay=0.0,
+        batch_size=batch_size,
+        epochs=1,
+        early_stopping=0,
+        seed=0,
+        precision="fp32",
+    )

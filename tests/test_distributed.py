@@ -24,14 +24,14 @@ import psutil
 import pytest
 import torch
 import yaml
-from helpers import dvc, make_tiny_project, project_env, run, set_params, stages_run, synthetic_split
+from helpers import dvc, make_tiny_project, project_env, run, set_params, sgd_epoch, stages_run, synthetic_split
 
 from stages.cli import StageError
-from stages.core.distributed import LOGS, SINGLE, World, data_parallel, joined, process_device, shard
+from stages.core.distributed import LOGS, SINGLE, World, joined, process_device, shard
 from stages.core.errors import SettingError
 from stages.core.model import architecture_for, init_model
 from stages.core.splits import Meta
-from stages.core.training import batch_loss, batches, make_optimizer, train_epoch
+from stages.core.training import EpochLog, batch_loss, fit
 from stages.params import parse_section
 from stages.train import TrainParams, place, world_of
 
@@ -125,12 +125,12 @@ ORACLE_IMAGES, ORACLE_BATCH = 17, 8
 def oracle_epoch(world: World) -> tuple[dict[str, torch.Tensor], tuple[float, float]]:
     torch.set_num_threads(1)
     model = init_model(architecture_for("cnn", (16,), META, (4, 8)), 0, torch.device("cpu"))
-    optimizer = make_optimizer("sgd", model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.0)
     images, labels = synthetic_split(ORACLE_IMAGES, seed=3)
-    order = torch.randperm(ORACLE_IMAGES, generator=torch.Generator().manual_seed(0))
-    parts = batches(images, labels.long(), order, ORACLE_BATCH, world)
-    scores = train_epoch(data_parallel(model, world), parts, optimizer, world=world)
-    return model.state_dict(), (scores.loss, scores.accuracy)
+    dataset = (images, labels.long())
+    config = sgd_epoch(lr=0.1, batch_size=ORACLE_BATCH, momentum=0.9)
+    logs: list[EpochLog] = []
+    fit(model, dataset, dataset, config, world, report=logs.append)
+    return model.state_dict(), (logs[0].metrics["train/loss"], logs[0].metrics["train/accuracy"])
 
 
 def oracle_rank(rank: int, port: int, out: str) -> None:

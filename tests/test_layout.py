@@ -41,6 +41,16 @@ def test_each_stage_main_fits_on_one_screen() -> None:
         assert main.end_lineno - main.lineno + 1 <= 40, stage
 
 
+def test_no_function_in_stages_is_longer_than_60_lines() -> None:
+    """About the size of nanoGPT's training loop: the longest, stages.core.training.fit, reads on one screen."""
+    long = []
+    for path in sorted((PROJECT / "stages").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
+                long.append(f"{path.relative_to(PROJECT)}:{node.lineno} {node.name}")
+    assert long == []
+
+
 @pytest.mark.parametrize(
     ("problem", "fix"),
     [

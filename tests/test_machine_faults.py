@@ -169,8 +169,8 @@ def limited_file_size(size: int) -> Callable[[], None]:
 
 @pytest.mark.parametrize("stage", ["train", "evaluate"])
 def test_a_file_size_limit_is_one_line(project: Path, tmp_path: Path, stage: str) -> None:
-    """`ulimit -f`: python ignores SIGXFSZ, so the write fails (EFBIG) instead of killing the stage; train's
-    DVCLive meets it first in the sqlite state of the DVC repository it opens."""
+    """`ulimit -f`: python ignores SIGXFSZ, so the write fails (EFBIG) instead of killing the stage; train
+    meets it first in the state it saves after each epoch, which torch.save alone would report nameless."""
     before = snapshot(project / "metrics")
     command = stage_command(project, stage)
     if stage == "train":

@@ -16,11 +16,12 @@ from torch import nn
 
 from stages.cli import StageError
 from stages.core.contract import Architecture
+from stages.core.curves import write_curves
 from stages.core.model import Card, Conv3x3, ConvNet, architecture_for, build_model, init_model, load_model, save_model
 from stages.core.resume import STATE, Checkpoint, input_key
-from stages.core.runtime import autocast_for, make_deterministic
+from stages.core.runtime import make_deterministic
 from stages.core.splits import Meta
-from stages.core.training import BestEpoch, EpochLog, train_best
+from stages.core.training import BestEpoch, EpochLog, TrainState, fit
 from stages.params import parse_section
 from stages.train import TrainParams
 
@@ -148,23 +149,22 @@ def test_best_epoch_keeps_the_lowest_validation_loss_and_counts_patience() -> No
 
 
 def run_epochs(params: TrainParams, log: Log, state: Path | None = None, kill_at: int | None = None):
-    """train_best as the stage calls it, on a fresh model; returns the model and how it stopped.
+    """fit as the stage calls it, on a fresh model; returns the model and how it stopped.
     `kill_at`: raise as a kill would while epoch `kill_at` is being saved (its state never lands)."""
     device = torch.device(params.device)
     architecture = architecture_for(params.model, params.hidden, META, params.channels)
     model = init_model(architecture, params.seed, device)
     checkpoint = Checkpoint(state) if state else None
 
-    def save(saved: dict) -> None:
-        if saved["fit"]["epoch"] == kill_at:
+    def save(saved: TrainState) -> None:
+        if saved.epoch == kill_at:
             raise KeyboardInterrupt("killed")
         checkpoint.save(saved)
 
     resume = checkpoint.load() if checkpoint else None
     train_set, val_set = (tuple(t.to(device) for t in data(count, seed)) for count, seed in ((300, 0), (100, 1)))
-    autocast = autocast_for(device, params.precision)
     save = save if checkpoint else None
-    stopped = train_best(model, train_set, val_set, params, autocast, report=log, resume=resume, save=save)
+    stopped = fit(model, train_set, val_set, params.fit_config(), resume=resume, report=log, save=save)
     return model, stopped
 
 
@@ -234,3 +234,35 @@ def test_the_cnn_on_cuda_trains_what_the_cpu_trains(precision: str) -> None:
     assert agreement >= 0.95
     if precision == "fp32":
         assert difference < 1e-3
+
+
+def test_the_curves_are_the_bytes_dvclive_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The oracle: DVCLive's Live, as the train stage called it before it wrote the files itself."""
+    from dvclive import Live
+
+    monkeypatch.chdir(tmp_path)  # outside any repository: DVCLive only writes its files
+    history = [
+        {"train/loss": 1.572439, "train/accuracy": 0.7456, "val/loss": 0.68, "val/accuracy": 0.8162},
+        {"train/loss": 0.541536, "train/accuracy": 0.835811, "val/loss": 0.492712, "val/accuracy": 0.8406},
+        {"train/loss": 0.5, "train/accuracy": 1.0, "val/loss": 2e-07, "val/accuracy": 0.0},
+    ]
+    with Live(str(tmp_path / "dvclive"), dvcyaml=False, save_dvc_exp=False, report=None) as live:
+        for metrics in history:
+            for name, value in metrics.items():
+                live.log_metric(name, value)
+            live.next_step()
+        live.summary["device"] = "cpu"
+    for epochs in range(1, len(history) + 1):  # rewritten after each epoch, as the stage does
+        write_curves(tmp_path / "ours", history[:epochs])
+    write_curves(tmp_path / "ours", history, {"device": "cpu"})
+    theirs = {
+        path.relative_to(tmp_path / "dvclive"): path.read_bytes()
+        for path in (tmp_path / "dvclive").rglob("*")
+        if path.is_file()
+    }
+    ours = {
+        path.relative_to(tmp_path / "ours"): path.read_bytes()
+        for path in (tmp_path / "ours").rglob("*")
+        if path.is_file()
+    }
+    assert ours == theirs

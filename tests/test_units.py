@@ -11,15 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import sgd_epoch
 from threadpoolctl import threadpool_info
 
 from stages.core import products
 from stages.core.errors import SettingError
-from stages.core.metrics import calibration, confusion_matrix, per_class_scores
+from stages.core.metrics import calibration, confusion_matrix, per_class_scores, predict, score
 from stages.core.model import Card, Classifier, Linear, architecture_for, linear, load_model, save_model
 from stages.core.runtime import autocast_for, available_cores, resolve_device, resolve_threads, set_cpu_threads
 from stages.core.splits import Meta, pixel_statistics, split_train_val
-from stages.core.training import batches, epoch_order, make_optimizer, make_schedule, predict, score, train_epoch
+from stages.core.training import EpochLog, epoch_order, fit, make_optimizer, make_schedule
 
 CLASSES = tuple(str(k) for k in range(10))
 META = Meta(dataset="digits", classes=CLASSES, image_shape=(28, 28), sizes={"train": 1}, mean=0.25, std=0.5)
@@ -147,8 +148,7 @@ def test_one_sgd_step_equals_the_closed_form_gradient() -> None:
     expected_weight = weight - lr * residual.T @ inputs / 8
     expected_bias = bias - lr * residual.mean(0)
 
-    optimizer = make_optimizer("sgd", model.parameters(), lr=lr, momentum=0.0, weight_decay=0.0)
-    train_epoch(model, batches(images, labels, torch.arange(8), batch_size=8), optimizer)
+    fit(model, (images, labels), (images, labels), sgd_epoch(lr, batch_size=8))  # one epoch, one batch: one step
     torch.testing.assert_close(model.layers[0].weight.detach(), expected_weight, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(model.layers[0].bias.detach(), expected_bias, rtol=1e-4, atol=1e-5)
 
@@ -158,11 +158,11 @@ def test_train_epoch_reports_the_mean_loss_over_batches_of_unequal_size() -> Non
     model = Classifier(architecture_for("logreg", (), META))
     images = torch.randint(0, 256, (10, 28, 28), dtype=torch.uint8)
     labels = torch.randint(0, 10, (10,))
-    optimizer = make_optimizer("sgd", model.parameters(), lr=0.0001, momentum=0.0, weight_decay=0.0)
-    scores = train_epoch(model, batches(images, labels, torch.arange(10), batch_size=4), optimizer)
-    # With a tiny lr the weights hardly move, so the mean is close to the loss of the untrained model.
     untrained = F.cross_entropy(model(images), labels).item()
-    assert scores.loss == pytest.approx(untrained, rel=1e-2)
+    logs: list[EpochLog] = []
+    fit(model, (images, labels), (images, labels), sgd_epoch(0.0001, batch_size=4), report=logs.append)  # 4 + 4 + 2
+    # With a tiny lr the weights hardly move, so the mean is close to the loss of the untrained model.
+    assert logs[0].metrics["train/loss"] == pytest.approx(untrained, rel=1e-2)
 
 
 @pytest.mark.parametrize("total", [7, 324, 1100])
@@ -271,3 +271,19 @@ def test_saved_model_round_trips_and_is_the_same_bytes_in_another_process(tmp_pa
     )
     for name in ("model.safetensors", "model.json"):
         assert (tmp_path / "again" / name).read_bytes() == (tmp_path / name).read_bytes()
+
+
+def test_report_tables_are_the_bytes_pandas_wrote(tmp_path: Path) -> None:
+    """The oracle: pandas' to_csv and to_markdown, which evaluate called before it wrote them without pandas."""
+    pd = pytest.importorskip("pandas")
+    from stages.core.artifacts import write_csv
+    from stages.core.report import markdown_table
+
+    rows = [
+        {"class": "T-shirt/top", "precision": 0.81234567, "recall": 1.0, "f1": 0.0, "support": 1000},
+        {"class": 'a "quoted", name', "precision": 1e-05, "recall": 0.5, "f1": 0.333333, "support": 7},
+    ]
+    write_csv(tmp_path / "ours.csv", rows)
+    pd.DataFrame(rows).to_csv(tmp_path / "pandas.csv", index=False, lineterminator="\n")
+    assert (tmp_path / "ours.csv").read_bytes() == (tmp_path / "pandas.csv").read_bytes()
+    assert markdown_table(rows) == pd.DataFrame(rows).to_markdown(index=False, floatfmt=".4f") + "\n"

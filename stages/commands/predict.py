@@ -39,7 +39,7 @@ class Row:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog=cli.command_name(), description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=cli.prog(typed=True), description=__doc__.splitlines()[0])
     parser.add_argument("paths", nargs="+", type=Path, help="image files, .npy or IDX files, folders of them")
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help=f"model folder (default: {DEFAULT_MODEL})")
     parser.add_argument("--top-k", type=int, default=3, help="classes shown per image (default: 3)")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import uuid
 
-from stages.cli import MACHINE_FIXES, StageError, command_name, run
+from stages.cli import MACHINE_FIXES, StageError, prog, run
 
 CREDENTIALS_FIX = (
     "set them in this clone only: `dvc remote modify --local {name} access_key_id ...` and "
@@ -94,7 +94,7 @@ def check_remote(name: str | None) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog=command_name(), description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=prog(typed=True), description=__doc__.splitlines()[0])
     parser.add_argument("name", nargs="?", help="remote name (default: the project's default remote)")
     args = parser.parse_args()
     print(check_remote(args.name))

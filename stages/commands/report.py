@@ -17,7 +17,7 @@ import argparse
 import os
 from pathlib import Path
 
-from stages.cli import StageError, command_name, run
+from stages.cli import StageError, prog, run
 from stages.core.review import (
     REPORT,
     Chart,
@@ -37,7 +37,7 @@ DEFAULT_OUT = Path("review")
 
 
 def arguments() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=command_name(), description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=prog(typed=True), description=__doc__.splitlines()[0])
     parser.add_argument("old", nargs="?", help="the revision compared from (default: HEAD)")
     parser.add_argument("new", nargs="?", default=WORKSPACE, help="the revision compared to (default: the workspace)")
     parser.add_argument(

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
-import inspect
 import logging
 import os
 import signal
@@ -158,18 +157,14 @@ def all_reduce_sum(tensor: torch.Tensor, world: World) -> torch.Tensor:
     return _AllReduceSum.apply(tensor) if world.size > 1 else tensor
 
 
-class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """Batch norm over the global batch, for CPU processes (torch's SyncBatchNorm runs on GPUs only).
+class GlobalBatchNorm(nn.BatchNorm1d):
+    """BatchNorm1d over the global batch, for CPU processes (torch's SyncBatchNorm runs on GPUs only).
 
-    In training, each rank sums its part per channel (dimension 1 of (N, C, ...) inputs, as BatchNorm1d and
-    BatchNorm2d take them); the sums over all ranks give the global batch's mean and (biased) variance,
-    which normalise, and whose unbiased variance moves the running statistics, as batch norm does on the
-    whole batch in one process. Evaluation uses the running statistics, as batch norm does.
+    In training, each rank sums its part per channel (dimension 1 of (N, C) or (N, C, L) inputs); the sums
+    over all ranks give the global batch's mean and (biased) variance, which normalise, and whose unbiased
+    variance moves the running statistics, as batch norm does on the whole batch in one process.
+    Evaluation uses the running statistics, as batch norm does.
     """
-
-    def _check_input_dim(self, x: torch.Tensor) -> None:
-        if x.dim() < 2:
-            raise ValueError(f"expected at least 2 dimensions (N, C, ...), got {x.dim()}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
@@ -201,7 +196,9 @@ def synchronised_batch_norm(model: nn.Module, device: torch.device) -> nn.Module
     if device.type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
     for name, child in model.named_children():
-        if type(child) in (nn.BatchNorm1d, nn.BatchNorm2d):
+        if isinstance(child, (nn.BatchNorm2d, nn.BatchNorm3d)):  # the models here normalise (N, C) rows only
+            raise ValueError(f"{type(child).__name__} is not synchronised on CPU processes; use BatchNorm1d")
+        if type(child) is nn.BatchNorm1d:
             replacement = GlobalBatchNorm(child.num_features, child.eps, child.momentum)
             replacement.weight, replacement.bias = child.weight, child.bias
             for buffer in ("running_mean", "running_var", "num_batches_tracked"):
@@ -223,10 +220,13 @@ def data_parallel(model: nn.Module, world: World) -> nn.Module:
     device = next(model.parameters()).device
     synchronised_batch_norm(model, device)
     # No buffer broadcast before each step: the ranks' buffers are equal already (the normalisation constants,
-    # and running statistics computed from the same global sums). Newer torch names the switch differently.
-    parameters = inspect.signature(nn.parallel.DistributedDataParallel).parameters
-    no_sync = {"forward_sync_buffers" if "forward_sync_buffers" in parameters else "broadcast_buffers": False}
-    return nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None, **no_sync)
+    # and running statistics computed from the same global sums). torch 2.14 renamed the switch
+    # forward_sync_buffers (broadcast_buffers still works there, with a deprecation warning in every process).
+    device_ids = [device] if device.type == "cuda" else None
+    try:
+        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, forward_sync_buffers=False)
+    except TypeError:  # torch < 2.14
+        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
 
 
 def guard_worker() -> None:
@@ -239,6 +239,8 @@ def guard_worker() -> None:
     """
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     if sys.platform.startswith("linux"):
+        # prctl has no Python binding in the standard library; PR_SET_PDEATHSIG (1) is Linux's stable ABI.
+        # tests/test_distributed.py kills a launcher with SIGKILL and checks that its processes end.
         parent = os.getppid()
         pr_set_pdeathsig = 1
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)

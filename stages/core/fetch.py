@@ -12,6 +12,7 @@ terminal, where tqdm draws a bar instead).
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import http.client
@@ -21,7 +22,7 @@ import time
 import urllib.error
 import urllib.request
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import urlparse
@@ -180,25 +181,19 @@ class HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
 OPENER = urllib.request.build_opener(HttpOnlyRedirects)
 
 
-class open_source:
+@contextlib.contextmanager
+def open_source(source: str, timeout_s: float) -> Iterator[tuple[BinaryIO, int | None]]:
     """Open an http(s) URL, a file:// URL or a local path; yields (stream, size if announced)."""
-
-    def __init__(self, source: str, timeout_s: float) -> None:
-        self.source, self.timeout_s = source, timeout_s
-
-    def __enter__(self) -> tuple[BinaryIO, int | None]:
-        parsed = urlparse(self.source)
-        if parsed.scheme in ("http", "https"):
-            request = urllib.request.Request(self.source, headers={"User-Agent": "mnist-dvc-pipeline"})
-            self.stream = OPENER.open(request, timeout=self.timeout_s)
+    parsed = urlparse(source)
+    if parsed.scheme in ("http", "https"):
+        request = urllib.request.Request(source, headers={"User-Agent": "mnist-dvc-pipeline"})
+        with OPENER.open(request, timeout=timeout_s) as stream:
             # http.client's parse of Content-Length: None when absent, malformed or chunked.
-            return self.stream, self.stream.length
-        path = Path(urllib.request.url2pathname(parsed.path) if parsed.scheme == "file" else self.source)
-        self.stream = open(path, "rb")
-        return self.stream, path.stat().st_size
-
-    def __exit__(self, *exc: object) -> None:
-        self.stream.close()
+            yield stream, stream.length
+        return
+    path = Path(urllib.request.url2pathname(parsed.path) if parsed.scheme == "file" else source)
+    with open(path, "rb") as stream:
+        yield stream, path.stat().st_size
 
 
 def copy_with_progress(stream: BinaryIO, destination: Path, expected_size: int | None, label: str) -> int:

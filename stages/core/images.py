@@ -170,6 +170,17 @@ def fit_picture(
     gray = _negated(image.convert("L"), inverted)
 
     canvas = Image.new("L", (frame.size, frame.size), color=0)
+    canvas.paste(gray, _placement(gray, frame))
+    if frame.centre == "mass":
+        steps.append("centre of mass")
+    conversion = (
+        "inverted, " if inverted else ""
+    ) + f"{size} trimmed to {trimmed}, fitted {fitted[0]}x{fitted[1]} ({', '.join(steps)}) in {frame.size}x{frame.size}"
+    return np.array(canvas), inverted, conversion
+
+
+def _placement(gray: Image.Image, frame: Frame) -> tuple[int, int]:
+    """Where `gray` goes in the frame (left, top): centred by its box, or by its centre of mass."""
     left, top = (frame.size - gray.width) // 2, (frame.size - gray.height) // 2
     if frame.centre == "mass":
         # Move the intensity-weighted centroid to the frame's centre (pixel i covers [i, i + 1)).
@@ -180,12 +191,7 @@ def fit_picture(
             cx = (weights.sum(axis=0) @ np.arange(gray.width)) / total
             left = int(np.clip(round(frame.size / 2 - (cx + 0.5)), 0, frame.size - gray.width))
             top = int(np.clip(round(frame.size / 2 - (cy + 0.5)), 0, frame.size - gray.height))
-        steps.append("centre of mass")
-    canvas.paste(gray, (left, top))
-    conversion = (
-        "inverted, " if inverted else ""
-    ) + f"{size} trimmed to {trimmed}, fitted {fitted[0]}x{fitted[1]} ({', '.join(steps)}) in {frame.size}x{frame.size}"
-    return np.array(canvas), inverted, conversion
+    return left, top
 
 
 def _flatten(picture: Image.Image) -> Image.Image:

@@ -1,10 +1,35 @@
-"""Classification metrics from predictions: pure functions of tensors, checked against scikit-learn in tests."""
+"""A model's predictions, and the classification metrics computed from them: pure functions of tensors,
+checked against scikit-learn in tests. Evaluate and the training loop both score through here."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TypedDict
 
 import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stages.core.contract import PREDICT_BATCH
+
+
+@dataclasses.dataclass(frozen=True)
+class Scores:
+    loss: float  # mean cross-entropy
+    accuracy: float
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: torch.Tensor, batch_size: int = PREDICT_BATCH) -> torch.Tensor:
+    """Logits (N, classes) in float32 for all `images`, `batch_size` at a time."""
+    model.eval()
+    return torch.cat([model(batch).float() for batch in images.split(batch_size)])
+
+
+def score(logits: torch.Tensor, labels: torch.Tensor) -> Scores:
+    loss = F.cross_entropy(logits, labels).item()
+    accuracy = (logits.argmax(1) == labels).float().mean().item()
+    return Scores(loss, accuracy)
 
 
 class CalibrationRow(TypedDict):

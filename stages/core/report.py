@@ -7,8 +7,7 @@ from typing import TypedDict
 
 import torch
 
-from stages.core.metrics import CalibrationRow, calibration, confusion_matrix, per_class_scores
-from stages.core.training import score
+from stages.core.metrics import CalibrationRow, calibration, confusion_matrix, per_class_scores, score
 
 CELL_SCALE = 4  # misclassified images are drawn at 4x (28 px -> 112 px) so the labels fit below them
 GUTTER = 4  # grey pixels between the cells of the misclassified grid
@@ -70,9 +69,9 @@ def build_report(logits: torch.Tensor, labels: torch.Tensor, classes: tuple[str,
 
 
 def markdown_table(rows: list[ClassRow]) -> str:
-    import pandas as pd
+    from tabulate import tabulate  # what pandas' to_markdown calls, without pandas' second of import
 
-    return pd.DataFrame(rows).to_markdown(index=False, floatfmt=".4f") + "\n"
+    return tabulate(rows, headers="keys", tablefmt="pipe", floatfmt=".4f") + "\n"
 
 
 def misclassified_grid(

@@ -10,14 +10,17 @@ The stage removes its state once the model is written.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from stages.core.artifacts import atomic_file
+from stages.core.training import TrainState
 
 STATE = "state.pt"
 
@@ -45,20 +48,24 @@ class Checkpoint:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
 
-    def load(self) -> dict[str, Any] | None:
+    def load(self) -> TrainState | None:
         """The state an earlier, interrupted run of the same inputs saved; None if there is none."""
         path = self.folder / STATE
         if not path.is_file():
             return None
         # Our own file, but still loaded without executing pickled code: tensors, numbers, strings and dicts.
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return TrainState.from_dict(torch.load(path, map_location="cpu", weights_only=True))
 
-    def save(self, state: dict[str, Any]) -> None:
-        """Write `state` to a temporary name and rename it, so a kill mid-write keeps the previous epoch's."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        temp = self.folder / f".{STATE}.{os.getpid()}.tmp"
-        torch.save(state, temp)
-        os.replace(temp, self.folder / STATE)
+    def save(self, state: TrainState) -> None:
+        """Write `state` to a temporary name and rename it, so a kill mid-write keeps the previous epoch's.
+
+        Serialised in memory first: torch.save writing to a file that fails (a full disk, a file-size limit)
+        raises a RuntimeError that names neither the file nor the cause.
+        """
+        buffer = io.BytesIO()
+        torch.save(state.to_dict(), buffer)
+        with atomic_file(self.folder / STATE) as temp:
+            temp.write_bytes(buffer.getvalue())
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)

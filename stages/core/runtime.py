@@ -41,14 +41,15 @@ def make_deterministic(tf32: bool = False) -> None:
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     # torch.use_deterministic_algorithms also sets torch._inductor.config.deterministic, and importing
     # inductor costs about 1.1 s of start-up per stage here; it only matters under torch.compile, which
-    # no stage uses. The C setter is what it calls for eager kernels; the public one stays the fallback.
+    # no stage uses. The C setter is what it calls for eager kernels; the public one stays the fallback
+    # (tests/test_upstream.py fails when torch moves the setter or the public one stops importing inductor).
     set_deterministic = getattr(torch._C, "_set_deterministic_algorithms", None)
     if set_deterministic is None or "torch._inductor" in sys.modules:
         torch.use_deterministic_algorithms(True)
     else:
         set_deterministic(True)
     # Deterministic mode also fills every new tensor with NaN, a debugging aid against reading
-    # uninitialised memory that no kernel here does; it was 11% of a training step (17 fills per step).
+    # uninitialised memory that no kernel here does, at a cost on every step.
     torch.utils.deterministic.fill_uninitialized_memory = False
     torch.backends.cudnn.benchmark = False
     torch.backends.cuda.matmul.allow_tf32 = tf32

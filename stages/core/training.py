@@ -1,4 +1,4 @@
-"""Training and scoring on whole tensors: no DataLoader, no per-sample transforms.
+"""The training loop, on whole tensors: no DataLoader, no per-sample transforms.
 
 The dataset lives on the device as uint8; a batch is an index gather from a seeded permutation, and the
 model normalises it. Nothing the size of the dataset is allocated per epoch except the permutation itself.
@@ -6,11 +6,10 @@ model normalises it. Nothing the size of the dataset is allocated per epoch exce
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -18,13 +17,28 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-from stages.core.contract import PREDICT_BATCH, Stopped
+from stages.core.contract import Stopped
 from stages.core.distributed import SINGLE, World, all_reduce_sum, data_parallel, shard
 from stages.core.errors import SettingError
+from stages.core.metrics import Scores, predict, score
+from stages.core.runtime import autocast_for
+from stages.core.splits import Split
 
-Batch = tuple[torch.Tensor, torch.Tensor]  # uint8 images (B, H, W), int64 labels (B,)
-# This process's part of a batch (all of it in one process), and the size of the whole batch.
-Part = tuple[torch.Tensor, torch.Tensor, int]
+
+@dataclasses.dataclass(frozen=True)
+class FitConfig:
+    """What the training loop reads, and nothing else."""
+
+    optimizer: Literal["sgd", "adam", "adamw"]
+    lr: float
+    lr_schedule: Literal["constant", "cosine"]  # per step; cosine decays lr to 0 by the last step
+    momentum: float  # sgd only
+    weight_decay: float
+    batch_size: int
+    epochs: int
+    early_stopping: int  # patience: stop when validation loss has not improved for this many epochs; 0 = off
+    seed: int  # shuffling
+    precision: Literal["fp32", "bf16", "fp16"]  # bf16/fp16 autocast on CUDA only
 
 
 class TrainConfig(BaseModel):
@@ -37,29 +51,30 @@ class TrainConfig(BaseModel):
     channels: tuple[int, ...]  # the cnn's convolution widths (3x3 conv, batch norm, ReLU, 2x2 max-pool each)
     optimizer: Literal["sgd", "adam", "adamw"]
     lr: float
-    lr_schedule: Literal["constant", "cosine"]  # per step; cosine decays lr to 0 by the last step
-    momentum: float  # sgd only
+    lr_schedule: Literal["constant", "cosine"]
+    momentum: float
     weight_decay: float
     batch_size: int
     epochs: int
-    early_stopping: int  # patience: stop when validation loss has not improved for this many epochs; 0 = off
+    early_stopping: int
     seed: int  # initial weights and shuffling
     # CPU threads for the matrix products, per process; auto = this process's share of its cores. A speed
     # knob only: the bytes do not depend on it, so the recipe leaves it out.
     threads: int | Literal["auto"]
     processes: int  # processes training together, each on its part of every batch (torch.distributed)
     device: str  # auto | cpu | cuda | cuda:N | mps
-    precision: Literal["fp32", "bf16", "fp16"]  # bf16/fp16 autocast on CUDA only
+    precision: Literal["fp32", "bf16", "fp16"]
     tf32: bool  # allow TF32 matmuls on Ampere+ GPUs (faster, not bit-identical to fp32)
 
-    def recipe(self) -> dict[str, Any]:
-        """What the weights depend on besides the architecture: the card records it, nanoGPT-style.
+    def fit_config(self) -> FitConfig:
+        return FitConfig(**{field.name: getattr(self, field.name) for field in dataclasses.fields(FitConfig)})
 
-        `hidden` and `channels` live in the architecture (empty where the model has none) and `device` as
-        the device actually used, so
-        a change that cannot change the weights (hidden sizes of a logreg, auto -> cpu on a CPU machine, the
-        thread count) leaves the model's bytes, and so the evaluation, untouched. `processes` is recorded only when
-        several trained the model, so that a one-process card keeps the bytes it had before the key.
+    def recipe(self) -> dict[str, Any]:
+        """What the weights depend on besides the architecture, for the card.
+
+        `hidden`, `channels` and `device` are recorded elsewhere (the architecture, the device actually
+        used), and `threads` not at all, so that a change that cannot change the weights leaves the model's
+        bytes untouched; `processes` only when several trained, so that a one-process card keeps its bytes.
         """
         recipe = self.model_dump(exclude={"model", "hidden", "channels", "device", "processes", "threads"})
         if self.processes > 1:
@@ -67,31 +82,15 @@ class TrainConfig(BaseModel):
         return recipe
 
 
-@dataclasses.dataclass(frozen=True)
-class Scores:
-    loss: float  # mean cross-entropy
-    accuracy: float
-
-
-@dataclasses.dataclass(frozen=True)
-class EpochScores:
-    epoch: int  # from 1
-    train: Scores  # seen while training, as the weights moved
-    val: Scores  # of the weights at the end of the epoch
-    # What `fit(..., resume=state)` continues from: weights, optimiser, schedule, scaler, shuffle generator.
-    # The tensors are the live ones (state_dict()s): save them before asking for the next epoch.
-    state: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False, compare=False)
-
-
+@dataclasses.dataclass
 class BestEpoch:
     """The weights of the epoch with the lowest validation loss, and whether `patience` epochs passed
     without a lower one (patience 0: never stop early)."""
 
-    def __init__(self, patience: int) -> None:
-        self.patience = patience
-        self.epoch = 0
-        self.loss = math.inf
-        self.weights: dict[str, torch.Tensor] = {}
+    patience: int
+    epoch: int = 0
+    loss: float = math.inf
+    weights: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict, repr=False)
 
     def update(self, epoch: int, loss: float, model: nn.Module) -> bool:
         """Record epoch `epoch`'s validation loss; True when training should stop."""
@@ -103,11 +102,42 @@ class BestEpoch:
     def stops_after(self, epoch: int) -> bool:
         return self.patience > 0 and epoch - self.epoch >= self.patience
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "loss": self.loss, "weights": self.weights}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.epoch, self.loss, self.weights = state["epoch"], state["loss"], state["weights"]
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+    """What an interrupted run continues from, after its last finished epoch, to the bytes of an
+    uninterrupted run. The tensors are the live ones: save them before the next epoch starts."""
+
+    history: list[dict[str, float]]  # each finished epoch's metrics, by DVCLive name
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    shuffle: torch.Tensor  # the shuffle generator's state
+    best: BestEpoch
+    scheduler: dict[str, Any] | None = None
+    scaler: dict[str, Any] | None = None
+
+    @property
+    def epoch(self) -> int:
+        """The last epoch finished."""
+        return len(self.history)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dicts, tensors and numbers: what torch.load(weights_only=True) reads back."""
+        saved = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+        return saved | {"best": dict(vars(self.best))}
+
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any]) -> TrainState:
+        return cls(**saved | {"best": BestEpoch(**saved["best"])})
+
+
+@dataclasses.dataclass(frozen=True)
+class EpochLog:
+    """What is logged of one epoch: its scores by DVCLive name, and how long it took."""
+
+    epoch: int  # from 1
+    metrics: dict[str, float]  # train/loss, train/accuracy, val/loss, val/accuracy
+    seconds: float | None  # None: an epoch the resumed run had trained, logged again for the curves
 
 
 def make_optimizer(name: str, parameters, *, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -127,12 +157,8 @@ def make_schedule(
 ) -> torch.optim.lr_scheduler.LRScheduler | None:
     """The learning rate per step: `constant` (no scheduler), or `cosine` from lr down to 0 over `total_steps`.
 
-    Decaying to 0 lets the last steps average out the minibatch noise instead of bouncing around the
-    minimum: on Fashion-MNIST a logreg ends 2 epochs ~0.004 more accurate than at a constant rate.
-    CosineAnnealingLR steps by a recursive formula, whose float64 lr differs from the closed form
-    lr * (1 + cos(pi t / T)) / 2 in the last bit at most steps; rounded to float32, the weights' precision,
-    every one is the closed form's (tests/test_units.py), and the weights trained with it were bit-identical
-    to the closed form's in every config tried (the committed params, sgd, an adamw mlp, 1,100 steps).
+    Decaying to 0 lets the last steps average out the minibatch noise. CosineAnnealingLR's recursive
+    formula equals the closed form once rounded to float32, the weights' precision (tests/test_units.py).
     """
     if name == "constant":
         return None
@@ -142,23 +168,9 @@ def make_schedule(
 
 
 def epoch_order(num_images: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    """The shuffled image order for one epoch.
-
-    Drawn on the CPU from a CPU generator whatever the device, so that a GPU run visits the images in
-    exactly the order a CPU run does (CUDA generators give other permutations), then copied over.
-    """
+    """The shuffled image order for one epoch, drawn on the CPU whatever the device, so that a GPU run visits
+    the images in a CPU run's order (CUDA generators give other permutations)."""
     return torch.randperm(num_images, generator=generator).to(device, non_blocking=True)
-
-
-def batches(
-    images: torch.Tensor, labels: torch.Tensor, order: torch.Tensor, batch_size: int, world: World = SINGLE
-) -> Iterator[Part]:
-    """The images and labels in `order`, `batch_size` at a time (the last batch may be smaller): this
-    process's part of each batch (`shard`), and the size of the whole batch."""
-    for batch in order.split(batch_size):
-        part = shard(batch, world)
-        # index_select copies whole rows; images[batch] takes the generic (and here 10x slower) index path.
-        yield images.index_select(0, part), labels.index_select(0, part), len(batch)
 
 
 def batch_loss(
@@ -167,9 +179,9 @@ def batch_loss(
     """The loss to backpropagate for this process's part of a batch of `batch_size`, and the sum of its
     cross-entropies (for the epoch's mean).
 
-    One process: the batch's mean cross-entropy. Several: DistributedDataParallel averages their gradients,
-    so each part's summed cross-entropy is scaled by processes / batch_size, and the average is the gradient
-    of the mean over the whole batch, however unevenly the last batch is split (a part may be empty).
+    Several processes: DistributedDataParallel averages their gradients, so each part's summed
+    cross-entropy is scaled by processes / batch_size, and the average is the gradient of the mean over the
+    whole batch, however unevenly the last batch is split (a part may be empty).
     """
     if processes == 1:
         loss = F.cross_entropy(logits, targets)
@@ -178,187 +190,138 @@ def batch_loss(
     return total * (processes / batch_size), total.detach().float()
 
 
-def train_epoch(
-    model: nn.Module,
-    batches: Iterable[Part],
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
-    *,
-    autocast: contextlib.AbstractContextManager | None = None,
-    scaler: torch.amp.GradScaler | None = None,
-    world: World = SINGLE,
-) -> Scores:
-    """One pass over `batches`, one optimizer (and `scheduler`) step each; the mean loss and accuracy seen
-    (by all processes of `world`)."""
-    model.train()
-    device = next(model.parameters()).device
-    # Running sums stay on the device: a .item() per step would synchronise CUDA every batch.
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), dtype=torch.int64, device=device)
-    count = 0
-    for inputs, targets, batch_size in batches:
-        with autocast or contextlib.nullcontext():
-            logits = model(inputs)
-            loss, summed = batch_loss(logits, targets, batch_size, world.size)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+@dataclasses.dataclass
+class Stepper:
+    """What moves the weights, step by step: the optimizer, its learning-rate schedule, the fp16 loss scaler
+    (CUDA only), and the generator that shuffles each epoch."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    scaler: torch.amp.GradScaler | None
+    shuffle: torch.Generator
+
+    @classmethod
+    def build(cls, model: nn.Module, config: FitConfig, steps_per_epoch: int) -> Stepper:
+        optimizer = make_optimizer(
+            config.optimizer,
+            model.parameters(),
+            lr=config.lr,
+            momentum=config.momentum,
+            weight_decay=config.weight_decay,
+        )
+        scheduler = make_schedule(config.lr_schedule, optimizer, config.epochs * steps_per_epoch)
+        scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" else None
+        return cls(optimizer, scheduler, scaler, torch.Generator().manual_seed(config.seed))
+
+    def step(self, loss: torch.Tensor) -> None:
+        """Backpropagate `loss` and take one optimizer and schedule step."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         else:
             loss.backward()
-            optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        loss_sum += summed
-        correct += (logits.detach().argmax(1) == targets).sum()
-        count += len(targets)
-    if world.size > 1:
-        counts = torch.tensor(float(count), dtype=torch.float64, device=device)
-        totals = all_reduce_sum(torch.stack([loss_sum.double(), correct.double(), counts]), world)
-        return Scores(totals[0].item() / totals[2].item(), totals[1].item() / totals[2].item())
-    return Scores(loss_sum.item() / count, correct.item() / count)
+            self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+
+    def state(self, history: list[dict[str, float]], model: nn.Module, best: BestEpoch) -> TrainState:
+        return TrainState(
+            history,
+            model.state_dict(),
+            self.optimizer.state_dict(),
+            self.shuffle.get_state(),
+            best,
+            self.scheduler and self.scheduler.state_dict(),
+            self.scaler and self.scaler.state_dict(),
+        )
+
+    def restore(self, state: TrainState, model: nn.Module) -> None:
+        """Put the model, optimizer, schedule, scaler and shuffle where `state` left them."""
+        model.load_state_dict(state.model)
+        self.optimizer.load_state_dict(state.optimizer)
+        self.shuffle.set_state(state.shuffle)
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state.scheduler)
+        if self.scaler is not None:
+            self.scaler.load_state_dict(state.scaler)
 
 
 def fit(
     model: nn.Module,
-    train_set: Batch,
-    val_set: Batch,
-    config: TrainConfig,
-    autocast: contextlib.AbstractContextManager | None = None,
-    resume: dict[str, Any] | None = None,
+    train_set: Split,
+    val_set: Split,
+    config: FitConfig,
     world: World = SINGLE,
-) -> Iterator[EpochScores]:
-    """Train `model` in place for `config.epochs` epochs, yielding the train and validation scores of each.
-
-    With `resume` (an EpochScores.state saved earlier), the model, optimiser, schedule and shuffle continue
-    from there, and the epochs after it are the ones an uninterrupted run would have trained, bit for bit.
-
-    In a `world` of several processes, each runs this on its part of every batch through
-    DistributedDataParallel; all of them get the same scores (sums over all parts), so they agree on when
-    to stop.
-
-    Raises SettingError when training diverges: checked once per epoch (a check per step would synchronise
-    CUDA every batch), as NaN weights never recover and a model with NaN metrics must not pass for a result.
-    """
-    optimizer = make_optimizer(
-        config.optimizer, model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
-    )
-    images, labels = train_set
-    steps_per_epoch = -(-len(images) // config.batch_size)  # the last batch may be smaller
-    scheduler = make_schedule(config.lr_schedule, optimizer, config.epochs * steps_per_epoch)
-    scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" else None
-    shuffle = torch.Generator().manual_seed(config.seed)
-    first = 1
-    if resume is not None:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(resume["scheduler"])
-        if scaler is not None:
-            scaler.load_state_dict(resume["scaler"])
-        shuffle.set_state(resume["shuffle"])
-        first = resume["epoch"] + 1
-    network = data_parallel(model, world)  # `model` itself for one process
-    for epoch in range(first, config.epochs + 1):
-        order = epoch_order(len(images), shuffle, images.device)
-        train_batches = batches(images, labels, order, config.batch_size, world)
-        train = train_epoch(network, train_batches, optimizer, scheduler, autocast=autocast, scaler=scaler, world=world)
-        val = score(predict(model, val_set[0]), val_set[1]) if world.size == 1 else shared_score(model, val_set, world)
-        if not (math.isfinite(train.loss) and math.isfinite(val.loss)):
-            raise SettingError(f"training diverged in epoch {epoch} (loss {train.loss}, validation loss {val.loss})")
-        state = {"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict()}
-        state["shuffle"] = shuffle.get_state()
-        if scheduler is not None:
-            state["scheduler"] = scheduler.state_dict()
-        if scaler is not None:
-            state["scaler"] = scaler.state_dict()
-        yield EpochScores(epoch, train, val, state)
-
-
-@torch.no_grad()
-def predict(model: nn.Module, images: torch.Tensor, batch_size: int = PREDICT_BATCH) -> torch.Tensor:
-    """Logits (N, classes) in float32 for all `images`, `batch_size` at a time."""
-    model.eval()
-    return torch.cat([model(batch).float() for batch in images.split(batch_size)])
-
-
-def score(logits: torch.Tensor, labels: torch.Tensor) -> Scores:
-    loss = F.cross_entropy(logits, labels).item()
-    accuracy = (logits.argmax(1) == labels).float().mean().item()
-    return Scores(loss, accuracy)
-
-
-def shared_score(model: nn.Module, dataset: Batch, world: World) -> Scores:
-    """`score` of `model` on `dataset`, each process of `world` predicting its part: the same on all of them."""
-    images, labels = dataset
-    part = shard(torch.arange(len(images), device=images.device), world)
-    logits = predict(model, images.index_select(0, part))
-    correct = (logits.argmax(1) == labels.index_select(0, part)).sum().double()
-    loss = F.cross_entropy(logits, labels.index_select(0, part), reduction="sum").double()
-    loss, correct = all_reduce_sum(torch.stack([loss, correct]), world).tolist()
-    return Scores(loss / len(images), correct / len(images))
-
-
-@dataclasses.dataclass(frozen=True)
-class EpochLog:
-    """What is logged of one epoch: its scores by DVCLive name, and how long it took."""
-
-    epoch: int  # from 1
-    metrics: dict[str, float]  # train/loss, train/accuracy, val/loss, val/accuracy
-    seconds: float | None  # None: an epoch the resumed run had trained, logged again for the curves
-
-
-def epoch_metrics(scores: EpochScores) -> dict[str, float]:
-    metrics = {}
-    for split, split_scores in (("train", scores.train), ("val", scores.val)):
-        metrics[f"{split}/loss"] = round(split_scores.loss, 6)
-        metrics[f"{split}/accuracy"] = round(split_scores.accuracy, 6)
-    return metrics
-
-
-def train_best(
-    model: nn.Module,
-    train_set: Batch,
-    val_set: Batch,
-    config: TrainConfig,
-    autocast: contextlib.AbstractContextManager | None,
     *,
-    report: Callable[[EpochLog], None],
-    resume: dict[str, Any] | None = None,
-    save: Callable[[dict[str, Any]], None] | None = None,
-    world: World = SINGLE,
+    resume: TrainState | None = None,
+    report: Callable[[EpochLog], None] = lambda log: None,
+    save: Callable[[TrainState], None] | None = None,
 ) -> Stopped:
-    """`fit`, each epoch reported and (with `save`) its state saved before the next one starts; leaves the
-    weights of the epoch with the lowest validation loss in `model` and says how training ended.
+    """Train `model` in place; leave in it the weights of the epoch with the lowest validation loss.
 
-    `resume` is a state `save` was given by an interrupted run of the same inputs: its epochs are reported
-    again (seconds None) and training continues after them, to the bytes of an uninterrupted run. In a
-    `world` of several processes every one trains (and must be given the same `resume`); the caller gives
-    `report` and `save` to rank 0 alone.
+    Each epoch is `report`ed after its state is `save`d, so a run killed once an epoch is reported resumes
+    after it; `resume`'s epochs are reported again (seconds None). In a `world` of several processes each
+    trains its part of every batch through DistributedDataParallel and all see the same scores.
+    Raises SettingError when training diverges, checked once per epoch: NaN weights never recover.
     """
+    images, labels = train_set
+    network = data_parallel(model, world)  # `model` itself for one process; evaluate and save `model`
+    stepper = Stepper.build(model, config, steps_per_epoch=-(-len(images) // config.batch_size))
+    autocast = autocast_for(images.device, config.precision)
     best, history = BestEpoch(config.early_stopping), []
     if resume is not None:
-        best.load_state_dict(resume["best"])
-        history = resume["history"]
-        for epoch, metrics in enumerate(history, start=1):
-            report(EpochLog(epoch, metrics, None))
+        stepper.restore(resume, model)
+        best, history = dataclasses.replace(resume.best, patience=config.early_stopping), list(resume.history)
+    for epoch, metrics in enumerate(history, start=1):
+        report(EpochLog(epoch, metrics, None))
     stop = best.stops_after(len(history))
-    start = time.perf_counter()
-    trained = [] if stop else fit(model, train_set, val_set, config, autocast, resume and resume["fit"], world)
-    for scores in trained:
-        history.append(epoch_metrics(scores))
-        stop = best.update(scores.epoch, scores.val.loss, model)
-        if save is not None:
-            save({"fit": scores.state, "best": best.state_dict(), "history": history})
-        # Reported after the state is saved: a run killed once an epoch is reported resumes after it.
-        report(EpochLog(scores.epoch, history[-1], time.perf_counter() - start))
-        start = time.perf_counter()
+    for epoch in range(len(history) + 1, config.epochs + 1):
         if stop:
             break
+        start = time.perf_counter()
+        network.train()
+        # Running sums stay on the device: an .item() per step would make the host wait for every batch.
+        loss_sum = torch.zeros((), device=images.device)
+        correct = torch.zeros((), dtype=torch.int64, device=images.device)
+        for batch in epoch_order(len(images), stepper.shuffle, images.device).split(config.batch_size):
+            part = shard(batch, world)  # this process's part of the batch
+            # index_select copies whole rows; images[part] takes the generic (and here 10x slower) index path.
+            inputs, targets = images.index_select(0, part), labels.index_select(0, part)
+            with autocast:
+                logits = network(inputs)
+                loss, summed = batch_loss(logits, targets, len(batch), world.size)
+            stepper.step(loss)
+            loss_sum += summed
+            correct += (logits.detach().argmax(1) == targets).sum()
+        train = _mean_scores(loss_sum, correct, len(images), world)
+        val = score(predict(model, val_set[0]), val_set[1])  # every process predicts all: the same scores
+        if not (math.isfinite(train.loss) and math.isfinite(val.loss)):
+            raise SettingError(f"training diverged in epoch {epoch} (loss {train.loss}, validation loss {val.loss})")
+        history.append(_metrics(train, val))
+        stop = best.update(epoch, val.loss, model)
+        if save is not None:
+            save(stepper.state(history, model, best))
+        report(EpochLog(epoch, history[-1], time.perf_counter() - start))
     model.load_state_dict(best.weights)
-    if stop:
-        reason = f"validation loss not lower for {config.early_stopping} epochs (early stopping)"
-    else:
-        reason = f"all {config.epochs} epochs done"
-    return Stopped(epoch=len(history), best_epoch=best.epoch, reason=reason)
+    reason = f"validation loss not lower for {config.early_stopping} epochs (early stopping)" if stop else None
+    return Stopped(epoch=len(history), best_epoch=best.epoch, reason=reason or f"all {config.epochs} epochs done")
+
+
+def _metrics(train: Scores, val: Scores) -> dict[str, float]:
+    """An epoch's scores by their DVCLive names."""
+    return {
+        "train/loss": round(train.loss, 6),
+        "train/accuracy": round(train.accuracy, 6),
+        "val/loss": round(val.loss, 6),
+        "val/accuracy": round(val.accuracy, 6),
+    }
+
+
+def _mean_scores(loss_sum: torch.Tensor, correct: torch.Tensor, count: int, world: World) -> Scores:
+    """The epoch's mean loss and accuracy over all processes' parts (`count` images in all)."""
+    if world.size > 1:
+        loss_sum, correct = all_reduce_sum(torch.stack([loss_sum.double(), correct.double()]), world).tolist()
+        return Scores(loss_sum / count, correct / count)
+    return Scores(loss_sum.item() / count, correct.item() / count)
