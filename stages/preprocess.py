@@ -40,7 +40,7 @@ def main() -> None:
     with explained("preprocess.val_size"):
         splits = split_train_val(*raw["train"], params.val_size, params.seed)
     splits["test"] = raw["test"]
-    meta = describe(manifest.dataset, manifest.classes, splits)
+    meta = describe(manifest.dataset, manifest.classes, splits, manifest.frame)
     with atomic_directory(args.out) as folder:
         for name, (images, labels) in splits.items():
             save_split(folder, name, images, labels)

@@ -91,7 +91,7 @@ def main() -> None:
             return
         used = str(device) if world.size == 1 else device.type  # several processes: one GPU each
         recorded = {"device": used, "numerics": numerics, "recipe": params.recipe()}
-        card = Card(architecture=architecture, classes=meta.classes, dataset=meta.dataset, **recorded)
+        card = Card(architecture=architecture, classes=meta.classes, dataset=meta.dataset, frame=meta.frame, **recorded)
         write_model(args.out, args.live, model, card, train, checkpoint.save if checkpoint else None)
     if checkpoint:
         checkpoint.remove()

@@ -71,7 +71,7 @@ def predict_files(
 ) -> tuple[list[Row], int]:
     """Rows for every image the paths give; `report(line)` for each that gives none. Returns the failures too."""
     image_shape = card.architecture.image_shape
-    frame = frame_for(card.dataset)
+    frame = Frame(**card.frame) if card.frame else frame_for(card.dataset)
     names, batches, notes, failures = [], [], [], 0
     for path, problem in list_inputs(paths):
         try:

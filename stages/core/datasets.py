@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from stages.core.artifacts import read_checked, write_json
+from stages.core.contract import FrameRecord
 from stages.core.errors import SettingError
 from stages.core.files import MANIFEST
 
@@ -70,7 +71,7 @@ def load_registry(path: Path = REGISTRY_FILE) -> dict[str, DatasetSpec]:
 def lookup(name: str, path: Path = REGISTRY_FILE) -> DatasetSpec:
     registry = load_registry(path)
     if name not in registry:
-        raise SettingError(f"unknown dataset {name!r}; allowed: {', '.join(registry)}")
+        raise SettingError(f"{name!r} is neither a registered dataset ({', '.join(registry)}) nor a folder of pictures")
     return registry[name]
 
 
@@ -92,6 +93,10 @@ class Manifest(BaseModel):
     dataset: str
     classes: tuple[str, ...]
     files: dict[str, str]  # role (see ROLES) -> file name in the same folder
+    # A folder of pictures only: how they were framed (Frame's fields), and per split what each picture was
+    # (file, label, size, sha256), so that changing one changes the raw folder's hash.
+    frame: FrameRecord | None = None
+    pictures: dict[str, list[dict[str, str | int]]] | None = None
 
     @field_validator("files")
     @classmethod
@@ -107,7 +112,7 @@ class Manifest(BaseModel):
 
 
 def write_manifest(folder: Path, manifest: Manifest) -> None:
-    write_json(folder / MANIFEST, manifest.model_dump(mode="json"))
+    write_json(folder / MANIFEST, manifest.model_dump(mode="json", exclude_none=True))
 
 
 def read_manifest(folder: Path) -> Manifest:
