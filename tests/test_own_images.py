@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import gzip
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from helpers import PROJECT, dvc, project_env, run, set_params, stages_run
 from PIL import Image
 
@@ -198,22 +200,31 @@ def test_exp_run_trains_and_evaluates_on_a_folder(
     assert row["class"] in card["classes"] and "(antialias)" in row["conversion"]  # the card's frame, not Fashion's
 
 
+def watch(project: Path, folder: Path) -> None:
+    """The one line docs/own-images.md tells a user to add: the folder among the download stage's deps."""
+    dvc_yaml = project / "dvc.yaml"
+    pipeline = yaml.safe_load(dvc_yaml.read_text())
+    pipeline["stages"]["download"]["deps"].append(str(folder))
+    dvc_yaml.write_text(yaml.safe_dump(pipeline, sort_keys=False))
+    run(project, "git", "commit", "-qam", "watch the pictures")
+
+
 @pytest.mark.e2e
-def test_a_changed_picture_changes_the_raw_data_and_reruns_the_stages_after_it(
+def test_a_changed_picture_reruns_acquisition_and_what_its_data_changes(
     tiny_project: Path, pictures: tuple[Path, dict[str, np.ndarray]], tmp_path: Path
 ) -> None:
-    """The manifest lists every picture: acquiring an unchanged folder again gives the same raw folder (nothing
-    after it reruns), one changed picture a new one (everything after it reruns)."""
-    import shutil
-
-    root = tmp_path / "copy"
+    """With the folder among download's deps: an unchanged folder reruns nothing; a picture saved again with
+    the same pixels reruns download and preprocess (the manifest lists its bytes), whose data is unchanged,
+    so nothing after; a picture that changed reruns every stage after acquisition."""
+    root = tmp_path / "outside the project"
     shutil.copytree(pictures[0], root)
-    set_params(tiny_project, **{"data.dataset": str(root)})
-    dvc(tiny_project, "repro")
-    assert stages_run(dvc(tiny_project, "repro", "--force", "download")) == ["download"]
-    assert stages_run(dvc(tiny_project, "repro")) == []
+    watch(tiny_project, root)
+    assert stages_run(dvc(tiny_project, "exp", "run", "-S", f"data.dataset={root}")) == ALL_STAGES
+    assert stages_run(dvc(tiny_project, "exp", "run", "-S", f"data.dataset={root}")) == []
 
     first = sorted((root / "train" / "Bag").iterdir())[0]
+    Image.open(first).save(first, compress_level=1)  # other bytes, the same pixels
+    assert stages_run(dvc(tiny_project, "exp", "run", "-S", f"data.dataset={root}")) == ["download", "preprocess"]
+
     Image.fromarray(np.asarray(Image.open(first))[::-1]).save(first)  # the same bag, upside down
-    assert stages_run(dvc(tiny_project, "repro", "--force", "download")) == ["download"]
-    assert stages_run(dvc(tiny_project, "repro")) == ["preprocess", "train", "evaluate"]
+    assert stages_run(dvc(tiny_project, "exp", "run", "-S", f"data.dataset={root}")) == ALL_STAGES

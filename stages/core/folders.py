@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import os
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,7 @@ from stages.core.errors import SettingError
 from stages.core.images import SIGNATURES, UnreadableInput, decode_picture, fit_picture
 
 SPLIT_FOLDERS = ("train", "test")
+CHUNK = 2000  # pictures per task when framing on several CPUs: a pool pays off from two chunks on
 # The raw files of a folder dataset: the names the registered datasets' IDX files have, by role.
 RAW_NAMES = dict(
     zip(
@@ -95,14 +98,36 @@ def frame_pictures(
     frame: Frame,
     skip: Callable[[str, str], None] | None,
 ) -> tuple[np.ndarray, np.ndarray, list[Picture]]:
-    """uint8 images (N, size, size), int64 labels (N,), and what each picture was.
+    """uint8 images (N, size, size), int64 labels (N,), and what each picture was, in the order given.
 
-    A picture that cannot be read stops with a SettingError naming it, or, with `skip`, is reported to
-    `skip(file, problem)` and left out.
+    A picture that cannot be read stops with UnreadablePicture naming it, or, with `skip`, is reported to
+    `skip(file, problem)` and left out. Large folders are framed on every CPU (the same result: each picture
+    is framed alone, and the chunks are put back in order).
     """
+    chunks = [pictures[start : start + CHUNK] for start in range(0, len(pictures), CHUNK)]
+    workers = min(len(os.sched_getaffinity(0)), len(chunks))
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            framed = list(pool.map(_frame_chunk, itertools.repeat(root), chunks, itertools.repeat(frame)))
+    else:
+        framed = [_frame_chunk(root, chunk, frame) for chunk in chunks]
+    for file, problem in (problem for *_, problems in framed for problem in problems):
+        if skip is None:
+            raise UnreadablePicture(f"{root / file}: {problem}")
+        skip(file, problem)
+    images = np.concatenate([images for images, *_ in framed]) if framed else np.empty((0, frame.size, frame.size))
+    labels = np.array([label for _, labels, _, _ in framed for label in labels], np.int64)
+    return images.astype(np.uint8), labels, [picture for _, _, kept, _ in framed for picture in kept]
+
+
+def _frame_chunk(
+    root: Path, pictures: list[tuple[str, int]], frame: Frame
+) -> tuple[np.ndarray, list[int], list[Picture], list[tuple[str, str]]]:
+    """Frame some pictures: the images (n, size, size), their labels, what they were, and (file, problem) for
+    each that gives no image."""
     shape = (frame.size, frame.size)
     images = np.empty((len(pictures), *shape), np.uint8)
-    labels, kept = [], []
+    labels, kept, problems = [], [], []
     for file, label in pictures:
         data = (root / file).read_bytes()
         try:
@@ -111,14 +136,12 @@ def frame_pictures(
                 raise UnreadableInput("not a PNG or JPEG file")
             pixels, _, _ = fit_picture(decode_picture(data, kind), frame, shape)
         except UnreadableInput as error:
-            if skip is None:
-                raise UnreadablePicture(f"{root / file}: {error}") from None
-            skip(file, str(error))
+            problems.append((file, str(error)))
             continue
         images[len(kept)] = pixels
         labels.append(label)
         kept.append(Picture(file, label, len(data), hashlib.sha256(data).hexdigest()))
-    return images[: len(kept)], np.array(labels, np.int64), kept
+    return images[: len(kept)], labels, kept, problems
 
 
 def acquire(root: Path, out: Path, frame: Frame, skip: Callable[[str, str], None] | None) -> Manifest:
