@@ -61,6 +61,7 @@ def test_enlarged_test_images_keep_the_accuracy(checkout: Path, factor: int, res
             framed[index], _, _ = fit_picture(picture, frame, (28, 28))
     as_is = (model(images).argmax(1) == labels).mean()
     enlarged = (model(framed).argmax(1) == labels).mean()
+    print(f"{factor}x {resample.lower()}: accuracy {enlarged:.4f}, at 28x28 {as_is:.4f}")
     assert enlarged == pytest.approx(as_is, abs=ENLARGED_TOLERANCE), (as_is, enlarged)
 
 
@@ -73,6 +74,7 @@ def test_the_whole_dataset_as_a_folder_trains_as_the_idx_files_do(checkout: Path
     folder_route = json.loads((checkout / "metrics" / "test.json").read_text())
     meta = json.loads((checkout / "data" / "processed" / "meta.json").read_text())
     assert meta["sizes"] == {"train": 55000, "val": 5000, "test": 10000} and meta["dataset"] == str(root)
+    print(f"accuracy: folder route {folder_route['accuracy']}, IDX route {idx_route['accuracy']}")
     assert folder_route["accuracy"] == pytest.approx(idx_route["accuracy"], abs=ROUTE_TOLERANCE), (
         idx_route,
         folder_route,
