@@ -17,19 +17,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from helpers import PROJECT, dvc, project_env, run, set_params, stages_run
+from helpers import DEBIAN_MIRROR, NEEDS_REAL_DATA, PROJECT, dvc, project_env, run, set_params, stages_run
 from PIL import Image
 
 from stages.core.datasets import load_registry
 from stages.core.errors import SettingError
 from stages.core.folders import FOLDER_FRAME, find_classes, frame_pictures, list_pictures
 
-DEBIAN_MIRROR = Path("/usr/share/datasets/fashion-mnist")
 ALL_STAGES = ["download", "preprocess", "train", "evaluate"]
 
-pytestmark = pytest.mark.skipif(
-    not DEBIAN_MIRROR.is_dir(), reason="needs Debian's dataset-fashion-mnist (make test installs it via apt)"
-)
+pytestmark = NEEDS_REAL_DATA
 
 
 def fashion_mnist(split: str) -> tuple[np.ndarray, np.ndarray]:

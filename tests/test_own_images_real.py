@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import copy_project, dvc, init_repo, stages_run
+from helpers import NEEDS_REAL_DATA, copy_project, dvc, init_repo, stages_run
 from PIL import Image
-from test_own_images import DEBIAN_MIRROR, fashion_mnist, write_image_folder
+from test_own_images import fashion_mnist, write_image_folder
 
 from stages.core.datasets import load_registry
 from stages.core.images import fit_picture
@@ -25,13 +25,7 @@ ENLARGED_TOLERANCE = 0.005
 # Issue 23: the folder route trains to the IDX route's accuracy within this.
 ROUTE_TOLERANCE = 0.002
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.e2e,
-    pytest.mark.skipif(
-        not DEBIAN_MIRROR.is_dir(), reason="needs Debian's dataset-fashion-mnist (make test installs it via apt)"
-    ),
-]
+pytestmark = [pytest.mark.slow, pytest.mark.e2e, NEEDS_REAL_DATA]
 
 
 @pytest.fixture(scope="module")
