@@ -105,7 +105,8 @@ def frame_pictures(
     is framed alone, and the chunks are put back in order).
     """
     chunks = [pictures[start : start + CHUNK] for start in range(0, len(pictures), CHUNK)]
-    workers = min(len(os.sched_getaffinity(0)), len(chunks))
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # Linux: ours
+    workers = min(cpus, len(chunks))
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
             framed = list(pool.map(_frame_chunk, itertools.repeat(root), chunks, itertools.repeat(frame)))
