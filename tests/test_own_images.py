@@ -225,3 +225,28 @@ def test_a_changed_picture_reruns_acquisition_and_what_its_data_changes(
 
     Image.fromarray(np.asarray(Image.open(first))[::-1]).save(first)  # the same bag, upside down
     assert stages_run(dvc(tiny_project, "exp", "run", "-S", f"data.dataset={root}")) == ALL_STAGES
+
+
+@pytest.mark.e2e
+def test_without_a_test_folder_preprocess_holds_out_a_seeded_test_split(
+    tiny_project: Path, pictures: tuple[Path, dict[str, np.ndarray]], tmp_path: Path
+) -> None:
+    root = tmp_path / "train only"
+    shutil.copytree(pictures[0] / "train", root / "train")
+    set_params(tiny_project, **{"data.dataset": str(root), "preprocess.test_size": 600})
+    assert download(tiny_project).returncode == 0
+    preprocess = ("python", "-m", "stages.preprocess", "--raw", "data/raw", "--out", "data/processed")
+    result = run(tiny_project, *preprocess, check=False)
+    assert result.returncode == 1
+    assert result.stderr == (
+        "preprocess: error: preprocess.test_size: 600 is not smaller than the training set (600 images); lower it\n"
+    )
+
+    set_params(tiny_project, **{"preprocess.test_size": 150})
+    run(tiny_project, *preprocess)
+    meta = json.loads((tiny_project / "data" / "processed" / "meta.json").read_text())
+    assert meta["sizes"] == {"train": 350, "val": 100, "test": 150}
+    first = (tiny_project / "data" / "processed" / "test.safetensors").read_bytes()
+    set_params(tiny_project, **{"preprocess.seed": 1})
+    run(tiny_project, *preprocess)
+    assert (tiny_project / "data" / "processed" / "test.safetensors").read_bytes() != first  # the seed chose

@@ -62,7 +62,7 @@ def find_classes(split: Path) -> tuple[str, ...]:
     """The class folders of `split`, sorted (torchvision's `find_classes`); SettingError for a name a card
     cannot carry or fewer than two classes."""
     if not split.is_dir():
-        raise SettingError(f"{split}: no such folder; the layout is <root>/train/<class>/<picture> (and test/)")
+        raise SettingError(f"{split}: no such folder; the layout is <root>/train/<class>/<picture> (and test/ alike)")
     classes = tuple(sorted(entry.name for entry in os.scandir(split) if entry.is_dir() and entry.name[0] != "."))
     for name in classes:
         if name != name.strip() or not name.isprintable():
@@ -149,10 +149,11 @@ def acquire(root: Path, out: Path, frame: Frame, skip: Callable[[str, str], None
     """Frame every picture of `root` into the IDX files of a registered dataset in `out`; return the manifest,
     which lists each picture (file, class, size, sha256) so that a changed picture changes the raw folder."""
     classes = find_classes(root / "train")
-    if (test_classes := find_classes(root / "test")) != classes:
+    splits = [split for split in SPLIT_FOLDERS if (root / split).is_dir()]  # without test/, preprocess holds one out
+    if "test" in splits and (test_classes := find_classes(root / "test")) != classes:
         raise SettingError(f"{root / 'test'}: classes {list(test_classes)} differ from train/'s {list(classes)}")
     listed = {}
-    for split in SPLIT_FOLDERS:
+    for split in splits:
         images, labels, pictures = frame_pictures(root, list_pictures(root, split, classes), frame, skip)
         if not len(images):
             raise SettingError(f"{root / split}: none of its pictures could be read")
@@ -162,7 +163,7 @@ def acquire(root: Path, out: Path, frame: Frame, skip: Callable[[str, str], None
     return Manifest(
         dataset=str(root),
         classes=classes,
-        files=RAW_NAMES,
+        files={role: name for role, name in RAW_NAMES.items() if role.partition("_")[0] in splits},
         frame=dataclasses.asdict(frame),
         pictures=listed,
     )

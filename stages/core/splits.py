@@ -38,14 +38,17 @@ class Meta(BaseModel):
 
 def split_train_val(images: torch.Tensor, labels: torch.Tensor, val_size: int, seed: int) -> dict[str, Split]:
     """Hold out `val_size` images, chosen by a seeded permutation; both splits keep the file's order."""
-    if val_size >= len(images):
-        raise SettingError(f"{val_size} is not smaller than the training set ({len(images)} images); lower it")
+    train, val = hold_out(images, labels, val_size, seed)
+    return {"train": train, "val": val}
+
+
+def hold_out(images: torch.Tensor, labels: torch.Tensor, size: int, seed: int) -> tuple[Split, Split]:
+    """(the rest, `size` images chosen by a seeded permutation), both in the file's order."""
+    if size >= len(images):
+        raise SettingError(f"{size} is not smaller than the training set ({len(images)} images); lower it")
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
-    val_index, train_index = order[:val_size].sort().values, order[val_size:].sort().values
-    return {
-        "train": (images[train_index], labels[train_index]),
-        "val": (images[val_index], labels[val_index]),
-    }
+    held, kept = order[:size].sort().values, order[size:].sort().values
+    return (images[kept], labels[kept]), (images[held], labels[held])
 
 
 def pixel_statistics(images: torch.Tensor) -> tuple[float, float]:
