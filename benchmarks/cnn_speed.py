@@ -31,7 +31,6 @@ import time
 from pathlib import Path
 
 from benchmarks.isolated import run_isolated
-from tests.helpers import RECIPES
 
 TARGET = 0.91
 RAW = Path("data/raw")
@@ -115,6 +114,9 @@ def example(epochs: int, threads: int, device: str) -> dict:
 
 def project(threads: int, device: str, precision: str) -> dict:
     """(b) The cnn recipe through stages.core.training.fit; test accuracy per epoch, measured outside the clock."""
+    import stages  # noqa: F401  (first: it pins the numerics before torch loads, as in a stage)
+
+    # isort: split
     import torch
 
     from stages.core.model import architecture_for, init_model
@@ -123,6 +125,7 @@ def project(threads: int, device: str, precision: str) -> dict:
     from stages.core.training import fit, predict, score
     from stages.params import parse_section, read_params_file
     from stages.train import TrainParams
+    from tests.helpers import RECIPES
 
     run = {"threads": threads, "device": device, "precision": precision}
     recipe = RECIPES["cnn"][0]  # the README's one-liner

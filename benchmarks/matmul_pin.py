@@ -1,71 +1,200 @@
-"""The price of the numerics pin for matrix products: MKL's COMPATIBLE branch against its own choice (AUTO).
+"""The price of the pinned products: every product the models compute, and one cnn epoch, pinned against
+torch's own unpinned choice, same run, same machine.
 
 Run by hand, never in CI (no data needed):
 
-    python -m benchmarks.matmul_pin [--threads 1]
+    python -m benchmarks.matmul_pin [--threads 2] [--images 55000] [--rounds 5]
 
-MKL_CBWR=COMPATIBLE (stages/numerics.py) is what makes a matmul the same bytes on every x86-64 CPU; it runs
-MKL's most portable kernels. Each branch runs in its own child process (MKL reads the variable once, at
-load); the shapes are the cnn's (batch 128: its second convolution forward, its weight gradient, its input
-gradient, and the head's first layer) and a square one. GFLOP/s from CPU time, so a busy machine shifts
-both branches alike; the ratio is the pin's price.
+(1) Each matrix product of a training step of the three models at their recipes' batch sizes (the cnn's
+    convolutions as the products Conv3x3 computes: forward, input gradient, weight gradient; the linear
+    layers' likewise), computed by stages/core/products.py on `--threads` threads with OpenBLAS pinned to
+    Haswell, against torch's own matmul on as many threads with nothing pinned (MKL's own choice of
+    kernels and thread split). Per product, the fastest of `--rounds` rounds, in wall-clock and in CPU
+    seconds (all threads together: on a busy machine wall-clock times are the other processes' as much
+    as these, CPU seconds much less); the ratios are pinned / unpinned (target <= 1.15).
+(2) One epoch of the cnn recipe as the train stage runs it (ConvNet: Conv3x3 through the pinned
+    products, torch's own ops on one thread), against the same architecture written as plain PyTorch
+    (nn.Conv2d on NCHW maps, nn.Linear, torch's own kernels on `--threads` threads, nothing pinned), on
+    random images of Fashion-MNIST's size: same batches, same fused Adam. The ratios, wall-clock and CPU,
+    are pinned / plain (target <= 1.0).
+Each variant runs in its own fresh process: the pin must be set before torch and numpy load.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import functools
 import os
-import subprocess
-import sys
+import resource
+import time
 
-SHAPES = {
-    "conv2 forward": ((25088, 144), (144, 32)),
-    "conv2 weight grad": ((32, 25088), (25088, 144)),
-    "conv2 input grad": ((25088, 32), (32, 144)),
-    "head (1568 -> 128)": ((128, 1568), (1568, 128)),
-    "square 2048": ((2048, 2048), (2048, 2048)),
+from benchmarks.isolated import run_isolated
+
+# (M, K, N): a (M, K) @ (K, N) product, or "over rows" (M, K).T @ (M, N) -> (K, N), a sum over the M rows.
+CNN_BATCH, LINEAR_BATCH = 128, 1024  # the recipes' batch sizes (README, Models; params.yaml)
+PRODUCTS = {
+    "cnn conv1 forward": ("rows", (CNN_BATCH * 784, 9, 16)),
+    "cnn conv1 weight grad": ("over rows", (CNN_BATCH * 784, 16, 9)),
+    "cnn conv2 forward": ("rows", (CNN_BATCH * 196, 144, 32)),
+    "cnn conv2 input grad": ("rows", (CNN_BATCH * 196, 32, 144)),
+    "cnn conv2 weight grad": ("over rows", (CNN_BATCH * 196, 32, 144)),
+    "cnn head forward": ("rows", (CNN_BATCH, 1568, 128)),
+    "cnn head input grad": ("rows", (CNN_BATCH, 128, 1568)),
+    "cnn head weight grad": ("over rows", (CNN_BATCH, 128, 1568)),
+    "logreg forward": ("rows", (LINEAR_BATCH, 784, 10)),
+    "logreg weight grad": ("over rows", (LINEAR_BATCH, 10, 784)),
+    "mlp layer 1 forward": ("rows", (LINEAR_BATCH, 784, 256)),
+    "mlp layer 1 weight grad": ("over rows", (LINEAR_BATCH, 256, 784)),
+    "mlp layer 2 forward": ("rows", (LINEAR_BATCH, 256, 10)),
+    "mlp layer 2 input grad": ("rows", (LINEAR_BATCH, 10, 256)),
+    "mlp layer 2 weight grad": ("over rows", (LINEAR_BATCH, 10, 256)),
 }
+# What steers the kernels of torch and numpy: the plain variant clears it, so that each library chooses.
+KERNEL_VARIABLES = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA", "OPENBLAS_CORETYPE")
 
-CHILD = """
-import json, resource, sys, torch
-torch.set_num_threads(int(sys.argv[1]))
-def cpu():
+
+def load_torch(pinned: bool):
+    """torch, loaded after `stages` (which pins the numerics) or with nothing pinned."""
+    if pinned:
+        import stages  # noqa: F401
+    else:
+        for name in KERNEL_VARIABLES:
+            os.environ.pop(name, None)
+    import torch
+
+    return torch
+
+
+def cpu_seconds() -> float:
+    """This process's CPU time so far, all its threads together."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
-rates = {}
-for name, (left, right) in json.loads(sys.argv[2]).items():
-    a, b = torch.randn(*left), torch.randn(*right)
-    a @ b
-    repeats = max(3, int(2e9 / (2 * left[0] * left[1] * right[1])))
-    start = cpu()
-    for _ in range(repeats):
-        a @ b
-    rates[name] = 2 * left[0] * left[1] * right[1] * repeats / (cpu() - start) / 1e9
-print(json.dumps(rates))
-"""
 
 
-def rates(branch: str, threads: int) -> dict[str, float]:
-    """GFLOP/s per shape with MKL_CBWR=`branch`, torch loaded directly (not through `stages`, which pins)."""
-    env = os.environ | {"MKL_CBWR": branch}
-    result = subprocess.run(
-        [sys.executable, "-c", CHILD, str(threads), json.dumps(SHAPES)], env=env, capture_output=True, text=True
-    )
-    if result.returncode:
-        sys.exit(result.stderr)
-    return json.loads(result.stdout)
+def fastest(function, rounds: int) -> tuple[float, float]:
+    """Wall-clock and CPU seconds per call of `function`, each the fastest round's (a round: about 0.2 s)."""
+    function()
+    start = time.perf_counter()
+    function()
+    calls = max(1, int(0.2 / max(time.perf_counter() - start, 1e-6)))
+    wall = cpu = float("inf")
+    for _ in range(rounds):
+        start, start_cpu = time.perf_counter(), cpu_seconds()
+        for _ in range(calls):
+            function()
+        wall = min(wall, (time.perf_counter() - start) / calls)
+        cpu = min(cpu, (cpu_seconds() - start_cpu) / calls)
+    return wall, cpu
+
+
+def product_times(pinned: bool, threads: int, rounds: int) -> dict:
+    torch = load_torch(pinned)
+    from stages.core import products
+    from stages.core.runtime import set_cpu_threads
+
+    if pinned:
+        set_cpu_threads(threads)
+    else:
+        torch.set_num_threads(threads)
+    generator = torch.Generator().manual_seed(0)
+    seconds = {}
+    for name, (kind, (m, k, n)) in PRODUCTS.items():
+        a = torch.randn(m, k, generator=generator)
+        b = torch.randn(k, n, generator=generator) if kind == "rows" else torch.randn(m, n, generator=generator)
+        if pinned:
+            left, right = a.numpy(), b.numpy()  # the arrays the model's tensors share memory with
+            product = products.matmul if kind == "rows" else products.matmul_over_rows
+            seconds[name] = fastest(functools.partial(product, left, right), rounds)
+        else:
+            seconds[name] = fastest(functools.partial(torch.matmul, a if kind == "rows" else a.T, b), rounds)
+    return seconds
+
+
+def cnn_epoch(pinned: bool, threads: int, images: int) -> dict:
+    """Seconds for one epoch of the cnn recipe's architecture: ConvNet pinned, or plain PyTorch unpinned."""
+    torch = load_torch(pinned)
+    import torch.nn.functional as F
+    from torch import nn
+
+    from stages.core.contract import Architecture
+    from stages.core.runtime import make_deterministic, set_cpu_threads
+    from stages.core.training import batches, epoch_order, make_optimizer
+
+    make_deterministic()
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (images, 28, 28), dtype=torch.uint8, generator=generator)
+    labels = torch.randint(0, 10, (images,), generator=generator)
+    if pinned:
+        from stages.core.model import ConvNet
+
+        set_cpu_threads(threads)
+        architecture = Architecture(
+            model="cnn", hidden=(128,), image_shape=(28, 28), num_classes=10, mean=0.29, std=0.35, channels=(16, 32)
+        )
+        model = ConvNet(architecture)
+    else:
+        torch.set_num_threads(threads)
+
+        class Normalise(nn.Module):
+            def forward(self, images):
+                return (images.unsqueeze(1).float() * (1 / (255 * 0.35)) - 0.29 / 0.35).contiguous()
+
+        def block(channels_in, channels_out):
+            conv = nn.Conv2d(channels_in, channels_out, 3, padding=1, bias=False)
+            return [conv, nn.MaxPool2d(2), nn.BatchNorm2d(channels_out), nn.ReLU()]
+
+        model = nn.Sequential(
+            Normalise(),
+            *block(1, 16),
+            *block(16, 32),
+            nn.Flatten(),
+            nn.Linear(1568, 128),
+            nn.ReLU(),
+            nn.Linear(128, 10),
+        )
+    optimizer = make_optimizer("adam", model.parameters(), lr=0.005, momentum=0.0, weight_decay=0.0)
+    order = epoch_order(images, torch.Generator().manual_seed(0), torch.device("cpu"))
+    model.train()
+    start, start_cpu = time.perf_counter(), cpu_seconds()
+    for inputs, targets, _ in batches(pixels, labels, order, CNN_BATCH):
+        loss = F.cross_entropy(model(inputs), targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return {"wall": time.perf_counter() - start, "cpu": cpu_seconds() - start_cpu}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument(
+        "--images", type=int, default=55000, help="images in the cnn epoch (Fashion-MNIST's train split)"
+    )
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
-    print(f"load average at the start: {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
-    pinned, free = rates("COMPATIBLE", args.threads), rates("AUTO", args.threads)
-    print(f"{'shape':20s} {'COMPATIBLE':>11s} {'AUTO':>8s}  GFLOP/s, {args.threads} thread(s)")
-    for name in SHAPES:
-        print(f"{name:20s} {pinned[name]:11.1f} {free[name]:8.1f}  AUTO/COMPATIBLE {free[name] / pinned[name]:.2f}x")
+    print(f"load average at the start: {', '.join(f'{x:.1f}' for x in os.getloadavg())}, {args.threads} thread(s)")
+    pinned = run_isolated(product_times, pinned=True, threads=args.threads, rounds=args.rounds)
+    free = run_isolated(product_times, pinned=False, threads=args.threads, rounds=args.rounds)
+    print(f"{'product (M, K, N)':45s} {'wall ms: pinned':>15s} {'torch':>7s} {'ratio':>6s}   {'CPU ms: pinned':>14s} "
+          f"{'torch':>7s} {'ratio':>6s}  (pinned/torch, target <= 1.15)")  # fmt: skip
+    for name, (_, shape) in PRODUCTS.items():
+        (wall, cpu), (free_wall, free_cpu) = pinned[name], free[name]
+        label = f"{name} {shape}"
+        print(
+            f"{label:45s} {wall * 1e3:15.3f} {free_wall * 1e3:7.3f} {wall / free_wall:5.2f}x   {cpu * 1e3:14.3f} "
+            f"{free_cpu * 1e3:7.3f} {cpu / free_cpu:5.2f}x"
+        )
+    for index, clock in enumerate(("wall", "CPU")):
+        total = sum(pinned[name][index] for name in PRODUCTS) / sum(free[name][index] for name in PRODUCTS)
+        print(f"all products, {clock}: {total:.2f}x")
+    epoch = run_isolated(cnn_epoch, pinned=True, threads=args.threads, images=args.images)
+    plain = run_isolated(cnn_epoch, pinned=False, threads=args.threads, images=args.images)
+    print(
+        f"cnn epoch ({args.images} images, batch {CNN_BATCH}): pinned ConvNet {epoch['wall']:.1f} s "
+        f"({epoch['cpu']:.1f} CPU s), plain PyTorch nn.Conv2d {plain['wall']:.1f} s ({plain['cpu']:.1f} CPU s): "
+        f"{epoch['wall'] / plain['wall']:.2f}x wall, {epoch['cpu'] / plain['cpu']:.2f}x CPU (target <= 1.0)"
+    )
+    print(f"load average at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":

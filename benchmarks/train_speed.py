@@ -95,7 +95,7 @@ def project(pinned: bool = True, ladder: bool = True, threads: int | None = None
 
     from stages import numerics
     from stages.core.model import architecture_for, init_model
-    from stages.core.runtime import make_deterministic, resolve_device, set_cpu_threads
+    from stages.core.runtime import make_deterministic, resolve_device, resolve_threads, set_cpu_threads
     from stages.core.splits import load_split, read_meta
     from stages.core.training import fit, predict, score
     from stages.params import load_section
@@ -106,7 +106,7 @@ def project(pinned: bool = True, ladder: bool = True, threads: int | None = None
         params = params.model_copy(update={"threads": threads})
     device = resolve_device(params.device)
     make_deterministic(params.tf32)
-    set_cpu_threads(params.threads)
+    set_cpu_threads(resolve_threads(params.threads))
     meta = read_meta(PROCESSED)
     train_set, val_set = load_split(PROCESSED, "train", device), load_split(PROCESSED, "val", device)
     test_images, test_labels = load_split(PROCESSED, "test", device)

@@ -14,7 +14,7 @@ from stages.core import files
 from stages.core.artifacts import copy_folder, write_csv, write_json, write_png, write_text
 from stages.core.model import check_trained_for, load_model
 from stages.core.report import build_report, markdown_table, misclassified_grid
-from stages.core.runtime import make_deterministic, resolve_device, set_cpu_threads
+from stages.core.runtime import available_cores, make_deterministic, resolve_device, set_cpu_threads
 from stages.core.splits import load_split, read_meta
 from stages.core.training import predict
 from stages.params import Params, check_device, load_section, require
@@ -45,9 +45,7 @@ def main() -> None:
     with explained("evaluate.device"):
         device = resolve_device(params.device)
     make_deterministic()
-    # One thread, whatever the machine: the report's last digits must not depend on the core count (a
-    # matmul's float sums depend on how it is split), and 10,000 test images take milliseconds anyway.
-    set_cpu_threads(1)
+    set_cpu_threads(available_cores())  # the report's bytes do not depend on the count (stages/core/products.py)
     numerics_in_effect()
 
     model, card = load_model(args.model, device)

@@ -87,6 +87,10 @@ def _one_line(section: str, schema: type[Params], error: ValidationError) -> str
     if kind == "value_error":  # raised by `check`: its message is already the line
         return str(first["ctx"]["error"])
     name = str(location[0])
+    if len(location) > 1 and isinstance(location[1], str):  # a member of a union (int | "auto"): name them all
+        members = typing.get_args(schema.model_fields[name].annotation)
+        allowed = " or ".join(", ".join(typing.get_args(member)) or member.__name__ for member in members)
+        return f"{section}.{name}: expected {allowed}, got {value!r}"
     key = f"{section}.{name}" + "".join(f"[{index}]" for index in location[1:])
     if kind == "extra_forbidden":
         return f"{key}: unknown key; allowed keys: {', '.join(schema.model_fields)}"

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import os
 import shutil
 import sys
 from collections.abc import Callable
@@ -34,7 +33,14 @@ from stages.core.distributed import (
 from stages.core.files import TRAINING_LOG
 from stages.core.model import Card, architecture_for, init_model, save_model
 from stages.core.resume import Checkpoint, input_key
-from stages.core.runtime import autocast_for, make_deterministic, resolve_device, set_cpu_threads
+from stages.core.runtime import (
+    autocast_for,
+    available_cores,
+    make_deterministic,
+    resolve_device,
+    resolve_threads,
+    set_cpu_threads,
+)
 from stages.core.splits import load_split, read_meta
 from stages.core.training import EpochLog, TrainConfig, train_best
 from stages.params import Params, check_device, load_section, require
@@ -52,7 +58,7 @@ class TrainParams(Params, TrainConfig):
         require(self.early_stopping >= 0, "train.early_stopping", "must be >= 0 (0 = off)")
         require(all(width >= 1 for width in self.channels), "train.channels", "widths must be >= 1")
         require(self.model != "cnn" or len(self.channels) >= 1, "train.channels", "the cnn needs at least one width")
-        require(self.threads >= 1, "train.threads", "must be >= 1")
+        require(self.threads == "auto" or self.threads >= 1, "train.threads", "must be auto or >= 1")
         require(self.processes >= 1, "train.processes", "must be >= 1 (1 = this process alone)")
         require(all(width >= 1 for width in self.hidden), "train.hidden", "widths must be >= 1")
         require(self.model != "mlp" or len(self.hidden) >= 1, "train.hidden", "the mlp needs at least one width")
@@ -64,8 +70,10 @@ def main() -> None:
     params = load_section(args.params, "train", TrainParams)
     world = world_of(params)
     device, autocast = place(params, world)
+    local_processes = world.local_size if world else params.processes
+    threads = resolve_threads(params.threads, local_processes)
     if world is None or world.local_rank == 0:
-        warn_if_oversubscribed(params.threads, world.local_size if world else params.processes)
+        warn_if_oversubscribed(threads, local_processes)
     if world is None and params.processes > 1:
         read_meta(args.data)  # a missing input is one line from here, before any process starts
         launch(params.processes, ["-m", "stages.train", *sys.argv[1:]])
@@ -74,7 +82,7 @@ def main() -> None:
     if world.size > 1:
         guard_worker()
     make_deterministic(params.tf32)
-    set_cpu_threads(params.threads)
+    set_cpu_threads(threads)
     numerics = numerics_in_effect()
 
     meta = read_meta(args.data)
@@ -191,7 +199,7 @@ def report_epoch(live, epochs: int, log: EpochLog) -> None:
 def warn_if_oversubscribed(threads: int, processes: int = 1) -> None:
     """More threads than cores (`threads` in each of `processes` processes on this machine) only makes them
     wait for each other; say so, but run as asked."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = available_cores()
     if processes == 1 and threads > cores:
         warn(
             f"train.threads: {threads} threads on {cores} CPU cores here; each thread "

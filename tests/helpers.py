@@ -257,10 +257,20 @@ def make_tiny_project(root: Path) -> Path:
 UNPINNED = ["-c", "import runpy, sys, torch; runpy.run_module(sys.argv.pop(1), run_name='__main__', alter_sys=True)"]
 
 
+# Variables that steer the numerics' libraries without being pinned: a test's variant sets them, or none.
+UNPINNED_VARIABLES = (
+    "MKL_CBWR",
+    "MKL_ENABLE_INSTRUCTIONS",
+    "OPENBLAS_NUM_THREADS",
+    "OMP_NUM_THREADS",
+    "OPENBLAS_L2_SIZE",
+)
+
+
 def run_stage(project: Path, module: str, *args: str, variant: dict[str, str], pinned: bool = True) -> None:
     """Run a stage CLI with `variant` as its only numerics variables; unpinned, the pin does not apply."""
     env = project_env()
-    for name in (*numerics.PINNED, "MKL_ENABLE_INSTRUCTIONS"):
+    for name in (*numerics.PINNED, *UNPINNED_VARIABLES):
         env.pop(name, None)
     env.update(variant)
     launcher = ["-m"] if pinned else UNPINNED

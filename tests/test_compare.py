@@ -22,6 +22,7 @@ from helpers import (
     dvc,
     experiments,
     make_tiny_project,
+    project_env,
     run,
     set_params,
     stages_run,
@@ -32,9 +33,12 @@ from helpers import (
 ALL_STAGES = ["download", "preprocess", "train", "evaluate"]
 # One epoch each: at the smaller rate the logreg is still far from the answer, at the larger it gets there.
 RUN_1, RUN_2 = {"train.lr": 0.0003}, {"train.lr": 0.01}
+EXP_LR = 0.0005  # the experiment run on top of `run 2`: it changes every metric (one epoch, still learning)
 N_TEST = 200  # test images of the tiny dataset (helpers.write_dataset)
 GRID = {(0.01, 256), (0.01, 1024), (0.1, 256), (0.1, 1024)}  # (train.lr, train.batch_size)
 BROWSER_NAMES = ("chromium", "chromium-browser", "google-chrome")
+# The README's command to compare experiments: the changed params beside the test metrics.
+EXP_SHOW = ["dvc", "exp", "show", "--only-changed", "--keep", "accuracy", "--drop", "Created|models"]
 
 
 def git_show(repo: Path, rev: str, path: str) -> str:
@@ -78,7 +82,7 @@ def test_metrics_diff_reports_the_accuracy_change(clone: Path) -> None:
     assert (accuracy["old"], accuracy["new"]) == (old["accuracy"], new["accuracy"])
     assert accuracy["diff"] == pytest.approx(new["accuracy"] - old["accuracy"])
     assert accuracy["diff"] > 0  # the larger learning rate learns more in one epoch
-    assert "val.accuracy" in diff["metrics/training/metrics.json"]
+    assert list(diff) == ["metrics/test.json"]  # the training summary is drawn in the curves, not compared
 
     table = dvc(clone, "metrics", "diff", "HEAD~1", "--md").stdout
     assert re.search(r"^\| Path +\| Metric +\| HEAD~1 +\| workspace +\| Change +\|$", table, re.M)
@@ -216,8 +220,7 @@ def test_metrics_diff_with_a_metrics_file_that_is_not_json(clone: Path) -> None:
     result = dvc(clone, "metrics", "diff", "HEAD~1")
     assert "DVC failed to load some metrics for following revisions: 'workspace'." in result.stderr
     assert "Traceback" not in result.stderr
-    # The other metrics file still compares; the broken one shows its old values against "-".
-    assert re.search(r"^metrics/training/metrics\.json +val\.accuracy +\S+ +\S+ +\S+$", result.stdout, re.M)
+    # The broken file shows its old values against "-".
     assert re.search(r"^metrics/test\.json +accuracy +\S+ +- +-$", result.stdout, re.M)
     # Which file, and why: what `dvc metrics show --json` says.
     shown = json.loads(dvc(clone, "metrics", "show", "--json").stdout)
@@ -225,18 +228,25 @@ def test_metrics_diff_with_a_metrics_file_that_is_not_json(clone: Path) -> None:
     assert error["type"] == "JSONFileCorruptedError" and "JSON file structure is corrupted" in error["msg"]
 
 
-@pytest.mark.e2e
-def test_exp_run_from_a_clean_checkout(clone: Path) -> None:
+@pytest.fixture(scope="module")
+def experimented(history: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A fresh clone of the history in which one experiment ran, `dvc exp run -S train.lr=EXP_LR`; and its output."""
+    clone = tmp_path_factory.mktemp("experimented") / "clone"
+    run(clone.parent, "git", "clone", "-q", str(history), clone.name)
     assert run(clone, "git", "status", "--porcelain").stdout == ""
-    result = dvc(clone, "exp", "run", "-S", "train.lr=0.05")
-    assert stages_run(result) == ALL_STAGES  # nothing was pulled: the clone makes its own data
-    assert "Ran experiment(s):" in result.stdout
+    return clone, dvc(clone, "exp", "run", "-S", f"train.lr={EXP_LR}").stdout
+
+
+@pytest.mark.e2e
+def test_exp_run_from_a_clean_checkout(experimented: tuple[Path, str]) -> None:
+    clone, output = experimented
+    assert stages_run(subprocess.CompletedProcess([], 0, output)) == ALL_STAGES  # nothing pulled: it makes its data
+    assert "Ran experiment(s):" in output
 
     [exp] = experiments(clone)
-    assert exp["data"]["params"]["params.yaml"]["data"]["train"]["lr"] == 0.05
+    assert exp["data"]["params"]["params.yaml"]["data"]["train"]["lr"] == EXP_LR
     metrics = exp["data"]["metrics"]
-    assert metrics["metrics/test.json"]["data"] == json.loads((clone / "metrics" / "test.json").read_text())
-    assert set(metrics["metrics/training/metrics.json"]["data"]) >= {"train", "val"}
+    assert metrics == {"metrics/test.json": {"data": json.loads((clone / "metrics" / "test.json").read_text())}}
     # DVCLive left DVC in charge: no experiment of its own, no dvc.yaml or report of its own.
     changed = run(clone, "git", "status", "--porcelain", "--untracked-files=all").stdout.split("\n")
     assert not [line for line in changed if "dvclive" in line or line.endswith(("dvc.yaml", "report.html"))]
@@ -258,11 +268,139 @@ def test_queued_grid_finishes_all_four(clone: Path, history: Path) -> None:
     found = {}
     for exp in experiments(clone):
         train = exp["data"]["params"]["params.yaml"]["data"]["train"]
-        found[(train["lr"], train["batch_size"])] = exp["data"]["metrics"]
+        found[(train["lr"], train["batch_size"])] = exp["data"]
     assert set(found) == GRID
-    results = set()
-    for key, metrics in found.items():
-        test, training = metrics["metrics/test.json"]["data"], metrics["metrics/training/metrics.json"]["data"]
-        assert 0 <= test["accuracy"] <= 1, key
-        results.add((test["loss"], training["train"]["loss"], training["val"]["loss"]))
-    assert len(results) == len(GRID)  # each experiment reports its own run, not a copy of the baseline's
+    models = set()
+    for key, data in found.items():
+        assert 0 <= data["metrics"]["metrics/test.json"]["data"]["accuracy"] <= 1, key
+        models.add(data["outs"]["models"]["hash"])
+    # Each experiment trained its own model, not a copy of the baseline's (two may reach the same test
+    # metrics on the tiny data: the larger rates all classify it perfectly).
+    assert len(models) == len(GRID)
+
+
+# The review report (python -m stages.commands.report): DVC's diffs as Markdown, its plots as PNG files.
+REPORT_COMMAND = ("python", "-m", "stages.commands.report")
+CALIBRATION_PLOT = "Calibration (reliability diagram)"  # dvc.yaml's plot of metrics/calibration.csv
+
+
+def report(project: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return run(project, *REPORT_COMMAND, *args, check=check)
+
+
+def table_row(text: str, first: str) -> list[str]:
+    """The cells of the Markdown table row whose first cell, less backticks, is `first`."""
+    for line in text.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[0].strip("`") == first:
+            return cells
+    raise AssertionError(f"no table row for {first!r} in:\n{text}")
+
+
+def linked_images(report_file: Path) -> list[Path]:
+    from urllib.parse import unquote
+
+    return [
+        report_file.parent / unquote(link) for link in re.findall(r"!\[[^]]*\]\(([^)]+)\)", report_file.read_text())
+    ]
+
+
+def colours(path: Path) -> int:
+    """How many distinct colours a picture has (257 for more than 256); one colour is a blank picture."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image.load()
+        found = image.convert("RGB").getcolors(maxcolors=256)
+    return 257 if found is None else len(found)
+
+
+@pytest.mark.e2e
+def test_report_between_two_commits(clone: Path) -> None:
+    report(clone, "HEAD~1", "HEAD", "--out", "review")
+    report_file = clone / "review" / "report.md"
+    text = report_file.read_text()
+
+    old, new = (json.loads(git_show(clone, rev, "metrics/test.json"))["accuracy"] for rev in ("HEAD~1", "HEAD"))
+    _, metric, shown_old, shown_new, change, relative, verdict = table_row(text, "metrics/test.json")
+    assert metric == "accuracy"
+    assert float(shown_old) == pytest.approx(old, abs=5e-4) and float(shown_new) == pytest.approx(new, abs=5e-4)
+    assert float(change) == pytest.approx(new - old, abs=5e-4)
+    assert float(relative.rstrip("%")) == pytest.approx(100 * (new - old) / old, rel=1e-3)
+    assert verdict == "better"  # accuracy rose (test_metrics_diff_reports_the_accuracy_change)
+    assert table_row(text, "train.lr") == ["train.lr", "0.0003", "0.01"]
+    assert table_row(text, "class 0")[3].startswith(("+", "-"))  # the per-class F1 change
+    assert "missing" not in text
+
+    images = linked_images(report_file)
+    # Every plot of dvc.yaml: one chart per Vega plot (both revisions in it), the image plot once per revision.
+    assert len(images) == len(declared_plots(clone)) - 1 + 2
+    for image in images:
+        assert image.is_file(), image
+        assert colours(image) > 1, f"{image}: a blank picture"
+
+
+@pytest.mark.e2e
+def test_report_names_the_plots_a_revision_lacks(clone: Path) -> None:
+    (clone / "metrics" / "calibration.csv").unlink()
+    report(clone, "--out", "review")  # HEAD against the workspace, as `dvc metrics diff` compares
+    text = (clone / "review" / "report.md").read_text()
+    assert f"Plots missing: {CALIBRATION_PLOT} (`workspace`)." in text
+    assert table_row(text, "file")[2:4] == ["`HEAD`", "`workspace`"]
+    assert table_row(text, "metrics/test.json")[1] == "accuracy"  # the tables are all there
+    assert all(image.is_file() for image in linked_images(clone / "review" / "report.md"))
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["nosuchrev"], r"nosuchrev: no such revision; "),
+        (["HEAD~2"], r"HEAD~2: no metrics in this revision \(metrics/test\.json: .*\); "),
+        (["--exp", "nosuchexp"], r"nosuchexp: no such experiment of HEAD \(its experiments: .*\); "),
+    ],
+    ids=["unknown revision", "revision without metrics", "unknown experiment"],
+)
+def test_report_refuses_bad_input_in_one_line(clone: Path, args: list[str], message: str) -> None:
+    result = report(clone, *args, "--out", "review", check=False)
+    assert result.returncode == 1
+    assert re.fullmatch(rf"report: error: {message}.*\n", result.stderr), result.stderr
+    assert not (clone / "review" / "report.md").exists()
+
+
+@pytest.mark.e2e
+def test_exp_show_fits_params_beside_accuracy_in_120_columns(experimented: tuple[Path, str]) -> None:
+    clone, _ = experimented
+    env = {**project_env(), "COLUMNS": "120"}
+    # The README's comparison command, as a 120-column terminal shows it.
+    shown = subprocess.run(EXP_SHOW, cwd=clone, env=env, capture_output=True, text=True, check=True).stdout
+    lines = shown.splitlines()
+    assert max(map(len, lines)) <= 120
+    assert [line for line in lines if "accuracy" in line and "train.lr" in line], shown
+    assert len([line for line in lines if re.search(rf"\s{EXP_LR}\s", line)]) == 2  # the workspace and the exp
+
+
+def test_the_readme_gives_that_comparison_command() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    command = " ".join(EXP_SHOW[:-1]) + f" '{EXP_SHOW[-1]}'"
+    assert command in readme, command
+
+
+@pytest.mark.e2e
+def test_report_leaderboard_of_experiments(experimented: tuple[Path, str]) -> None:
+    clone, _ = experimented
+    [exp] = experiments(clone)
+    report(clone, "--exp", "--out", "board")
+    text = (clone / "board" / "report.md").read_text()
+    header = table_row(text, "experiment")
+    assert header[1] == "accuracy" and "train.lr" in header
+    rows = [table_row(text, name) for name in ("workspace", "main", exp["name"])]
+    lr = header.index("train.lr")
+    assert [row[lr] for row in rows] == [str(EXP_LR), str(RUN_2["train.lr"]), str(EXP_LR)]
+    order = [line.split("|")[1].strip().strip("`") for line in text.splitlines() if line.startswith("| `")]
+    accuracies = [float(table_row(text, name)[1]) for name in order]
+    assert accuracies == sorted(accuracies, reverse=True) and len(order) == 3
+
+    report(clone, "--exp", exp["name"], "--out", "one")  # the workspace against one named experiment
+    named = (clone / "one" / "report.md").read_text()
+    assert table_row(named, exp["name"]) and table_row(named, "workspace") and "`main`" not in named

@@ -241,7 +241,7 @@ def test_two_processes_train_and_evaluate_as_one_does(two_processes: TwoProcesse
     # Rank 0 alone reports: one line per epoch.
     epochs = [line.split(":")[1] for line in two.run.stdout.splitlines() if line.startswith("train: epoch")]
     assert epochs == [f" epoch {epoch}/{EPOCHS}" for epoch in range(1, EPOCHS + 1)], two.run.stdout
-    assert two.card["recipe"]["processes"] == 2 and two.card["recipe"]["threads"] == 1 and two.card["device"] == "cpu"
+    assert two.card["recipe"]["processes"] == 2 and two.card["device"] == "cpu"  # threads: a speed knob, not recorded
     for key, value in two.one.items():
         assert abs(two.metrics[key] - value) <= METRICS_TOLERANCE, (key, two.one, two.metrics)
     for name, tensor in two.weights.items():

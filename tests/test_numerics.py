@@ -1,7 +1,9 @@
-"""The same bytes on every x86-64 CPU with AVX2: the numerics pin, tried under other CPUs' kernel choices.
+"""The same bytes on every x86-64 CPU with AVX2 and at any thread count: the numerics pin, tried under
+other CPUs' kernel choices, and `train.threads` tried at 1, 2, 3 and 8.
 
-A machine's CPU decides which kernels ATen, MKL and oneDNN run, through the same environment variables
-these tests set from outside: under each variant, as on another CPU, the stages must write the same bytes.
+A machine's CPU decides which kernels ATen, OpenBLAS, MKL and oneDNN run, through the same environment
+variables these tests set from outside: under each variant, as on another CPU, the stages must write the
+same bytes. The thread counts run oversubscribed where the machine has fewer cores.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import dvc, project_env, run_stage
+from helpers import dvc, project_env, run_stage, set_params
 
 from stages import numerics
 
@@ -29,7 +31,8 @@ pytestmark = [
 CPU_FLAGS = numerics.CPUINFO.read_text().split() if numerics.CPUINFO.exists() else []
 # Each variant makes one library choose its kernels as it would on another CPU: ATen without vector
 # kernels (an old CPU) or with AVX-512, MKL dispatching by CPU (AUTO, as it does on AMD) or on Intel's
-# branches, oneDNN limited to SSE4.1. A pinned stage must ignore them all.
+# branches, oneDNN limited to SSE4.1, OpenBLAS's AVX-512 kernels or its cache size as a machine's
+# environment sets them, one OpenBLAS or OpenMP thread. A pinned stage must ignore them all.
 VARIANTS = {
     "no variables": {},
     "ATen default": {"ATEN_CPU_CAPABILITY": "default"},
@@ -37,7 +40,17 @@ VARIANTS = {
     "MKL AVX2": {"MKL_CBWR": "AVX2"},
     "MKL SSE4.2": {"MKL_ENABLE_INSTRUCTIONS": "SSE4_2"},
     "oneDNN SSE4.1": {"ONEDNN_MAX_CPU_ISA": "SSE41"},
-    "all at once": {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "AUTO", "ONEDNN_MAX_CPU_ISA": "SSE41"},
+    "OpenBLAS SkylakeX": {"OPENBLAS_CORETYPE": "SkylakeX"},
+    "OpenBLAS L2 size": {"OPENBLAS_CORETYPE": "Zen", "OPENBLAS_L2_SIZE": "1048576"},
+    "OpenBLAS one thread": {"OPENBLAS_NUM_THREADS": "1"},
+    "OpenMP one thread": {"OMP_NUM_THREADS": "1"},
+    "all at once": {
+        "ATEN_CPU_CAPABILITY": "default",
+        "MKL_CBWR": "AUTO",
+        "ONEDNN_MAX_CPU_ISA": "SSE41",
+        "OPENBLAS_CORETYPE": "Sandybridge",
+        "OMP_NUM_THREADS": "1",
+    },
 }
 if "avx512f" in CPU_FLAGS:
     VARIANTS["ATen AVX-512"] = {"ATEN_CPU_CAPABILITY": "avx512"}
@@ -51,12 +64,11 @@ def train_and_evaluate(project: Path, name: str, variant: dict[str, str], pinned
     run_stage(
         project, "stages.evaluate", "--data", "data/processed", "--model", models, "--out", report, variant=variant
     )
-    written = {}
-    for folder in (project / models, project / report):
-        for path in sorted(folder.rglob("*")):
-            if path.is_file():
-                written[str(path.relative_to(folder))] = path.read_bytes()
-    return written
+    return files_in(project / models) | files_in(project / report)
+
+
+def files_in(folder: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
 
 
 @pytest.fixture
@@ -72,7 +84,11 @@ def preprocessed(tiny_project: Path) -> Path:
 def test_every_cpu_variant_writes_the_same_bytes(preprocessed: Path) -> None:
     reference = train_and_evaluate(preprocessed, "reference", {})
     card = json.loads(reference["model.json"])
-    assert card["numerics"] == {"cpu_capability": "AVX2", "mkl_cbwr": "COMPATIBLE", "onednn_max_cpu_isa": "AVX2"}
+    assert card["numerics"] == {
+        "cpu_capability": "AVX2",
+        "onednn_max_cpu_isa": "AVX2",
+        "openblas_coretype": "Haswell",
+    }
     for name, variant in VARIANTS.items():
         written = train_and_evaluate(preprocessed, name.replace(" ", "-"), variant)
         differing = sorted(path for path in reference if written.get(path) != reference[path])
@@ -80,12 +96,12 @@ def test_every_cpu_variant_writes_the_same_bytes(preprocessed: Path) -> None:
 
 
 def test_a_cnn_writes_the_same_bytes_under_every_cpu_variant(preprocessed: Path) -> None:
-    """Convolutions go through other kernels than matmuls (oneDNN, or ATen's im2col + MKL): the same check."""
+    """A cnn adds batch norm, max-pooling and the convolutions' own products: the same check."""
     params = yaml.safe_load((preprocessed / "params.yaml").read_text())
     params["train"].update(model="cnn", channels=[4, 8], hidden=[16], epochs=2)
     (preprocessed / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     reference = train_and_evaluate(preprocessed, "cnn-reference", {})
-    for name in ("oneDNN SSE4.1", "ATen default", "MKL AUTO", "all at once"):
+    for name in ("oneDNN SSE4.1", "ATen default", "OpenBLAS SkylakeX", "all at once"):
         written = train_and_evaluate(preprocessed, "cnn-" + name.replace(" ", "-"), VARIANTS[name])
         differing = sorted(path for path in reference if written.get(path) != reference[path])
         assert not differing, f"under {name} ({VARIANTS[name]}) these differ from the reference: {differing}"
@@ -96,14 +112,42 @@ def test_the_variants_do_change_the_bytes_without_the_pin(preprocessed: Path) ->
     weights = {
         name: train_and_evaluate(preprocessed, f"unpinned-{index}", variant, pinned=False)["model.safetensors"]
         for index, (name, variant) in enumerate(
-            [("no variables", {}), ("ATen default", VARIANTS["ATen default"]), ("MKL AUTO", {"MKL_CBWR": "AUTO"})]
+            [
+                ("no variables", {}),
+                ("ATen default", VARIANTS["ATen default"]),
+                ("OpenBLAS Sandybridge", {"OPENBLAS_CORETYPE": "Sandybridge"}),
+            ]
         )
     }
     assert len(set(weights.values())) == len(weights), "these variants gave the same bytes even unpinned"
 
 
+# Large enough that every product is cut into several tasks (stages/core/products.py), and that a
+# library's own split of the work would depend on the thread count: the tiny project has 500 training images.
+THREAD_COUNTS = (1, 2, 3, 8)
+MODELS = {
+    "logreg": {"model": "logreg", "batch_size": 500, "epochs": 2},
+    "mlp": {"model": "mlp", "hidden": [256], "batch_size": 500, "epochs": 2},
+    "cnn": {"model": "cnn", "channels": [16, 32], "hidden": [32], "batch_size": 100, "epochs": 1},
+}
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_the_thread_count_does_not_change_the_bytes(preprocessed: Path, model: str) -> None:
+    set_params(preprocessed, **{f"train.{key}": value for key, value in MODELS[model].items()})
+    written = {}
+    for threads in THREAD_COUNTS:
+        set_params(preprocessed, **{"train.threads": threads})
+        models = f"models-{model}-{threads}-threads"
+        run_stage(preprocessed, "stages.train", "--data", "data/processed", "--out", models, variant={})
+        written[threads] = files_in(preprocessed / models)
+    for threads in THREAD_COUNTS[1:]:
+        differing = sorted(path for path in written[1] if written[threads].get(path) != written[1][path])
+        assert not differing, f"{model} at {threads} threads: these differ from 1 thread's: {differing}"
+
+
 def test_a_user_setting_is_overridden_with_one_warning(preprocessed: Path) -> None:
-    env = project_env() | {"MKL_CBWR": "AUTO"}
+    env = project_env() | {"OPENBLAS_CORETYPE": "SkylakeX"}
     result = subprocess.run(
         [sys.executable, "-m", "stages.train", "--data", "data/processed", "--out", "models-warned"],
         cwd=preprocessed,
@@ -114,8 +158,8 @@ def test_a_user_setting_is_overridden_with_one_warning(preprocessed: Path) -> No
     assert result.returncode == 0, result.stderr
     warnings = [line for line in result.stderr.splitlines() if "warning" in line]
     assert warnings == [
-        "train: warning: MKL_CBWR=AUTO from the environment ignored: every stage runs with MKL_CBWR=COMPATIBLE, "
-        "so that any x86-64 CPU computes the same bytes (README, Reproducibility)"
+        "train: warning: OPENBLAS_CORETYPE=SkylakeX from the environment ignored: every stage runs with "
+        "OPENBLAS_CORETYPE=Haswell, so that any x86-64 CPU computes the same bytes (README, Reproducibility)"
     ]
 
 

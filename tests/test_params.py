@@ -39,6 +39,9 @@ def test_the_committed_params_parse(section: str) -> None:
         ("train", "lr", -0.1, "train.lr: must be > 0"),
         ("train", "epochs", 0, "train.epochs: must be >= 1"),
         ("train", "processes", 0, "train.processes: must be >= 1 (1 = this process alone)"),
+        ("train", "threads", 0, "train.threads: must be auto or >= 1"),
+        ("train", "threads", "all", "train.threads: expected int or auto, got 'all'"),
+        ("train", "threads", 2.5, "train.threads: expected int or auto, got 2.5"),
         ("train", "epochs", 2.5, "train.epochs: expected int, got 2.5"),
         ("train", "epochs", True, "train.epochs: expected int, got True"),
         ("train", "tf32", 1, "train.tf32: expected bool, got 1"),
@@ -69,6 +72,11 @@ def test_unknown_and_missing_keys() -> None:
     del values["seed"]
     with pytest.raises(StageError, match=r"^train\.seed: missing; add it to params.yaml$"):
         parse_section("train", values, TrainParams)
+
+
+def test_threads_are_auto_or_a_count() -> None:
+    assert parse_section("train", default_section("train"), TrainParams).threads == "auto"  # the default
+    assert parse_section("train", default_section("train") | {"threads": 3}, TrainParams).threads == 3
 
 
 def test_ints_widen_to_floats_and_lists_become_tuples() -> None:

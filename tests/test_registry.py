@@ -48,8 +48,10 @@ def test_predict_default_model_is_where_train_writes() -> None:
     assert DEFAULT_MODEL == Path(variables["models"])
 
 
-def test_console_script_points_at_a_function() -> None:
+def test_console_scripts_point_at_functions() -> None:
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+; the project also supports 3.10
     scripts = tomllib.loads((PROJECT / "pyproject.toml").read_text())["project"]["scripts"]
-    module, function = scripts["mnist-predict"].split(":")
-    assert callable(getattr(importlib.import_module(module), function))
+    assert {"mnist-predict", "mnist-report"} <= set(scripts)
+    for target in scripts.values():
+        module, function = target.split(":")
+        assert callable(getattr(importlib.import_module(module), function)), target

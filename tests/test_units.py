@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,11 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from threadpoolctl import threadpool_info
 
+from stages.core import products
 from stages.core.errors import SettingError
 from stages.core.metrics import calibration, confusion_matrix, per_class_scores
-from stages.core.model import Card, Classifier, architecture_for, load_model, save_model
-from stages.core.runtime import autocast_for, resolve_device
+from stages.core.model import Card, Classifier, Linear, architecture_for, linear, load_model, save_model
+from stages.core.runtime import autocast_for, available_cores, resolve_device, resolve_threads, set_cpu_threads
 from stages.core.splits import Meta, pixel_statistics, split_train_val
 from stages.core.training import batches, epoch_order, make_optimizer, make_schedule, predict, score, train_epoch
 
@@ -77,9 +80,56 @@ def test_the_architecture_model_decides_the_layers() -> None:
     assert [layer.out_features for layer in mlp.layers if isinstance(layer, torch.nn.Linear)] == [32, 16, 10]
     logreg = architecture_for("logreg", (32, 16), META)
     assert logreg.hidden == ()
-    assert [type(layer) for layer in Classifier(logreg).layers] == [torch.nn.Linear]
+    assert [type(layer) for layer in Classifier(logreg).layers] == [Linear]
     with pytest.raises(ValueError, match="logreg with hidden widths"):
         logreg.model_validate(logreg.model_dump() | {"hidden": (8,)})
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_the_pinned_linear_matches_torch_autograd(dtype: torch.dtype) -> None:
+    """Forward and all three gradients against torch's own F.linear, with enough rows for several tasks."""
+    generator = torch.Generator().manual_seed(3)
+    rows = 3 * products.rows_per_task(2 * 40 * 7, 10**6) + 5  # three whole row blocks and a partial one
+    inputs, weight, bias = (
+        torch.randn(*shape, dtype=dtype, generator=generator) for shape in ((rows, 40), (7, 40), (7,))
+    )
+    ours = [tensor.clone().requires_grad_() for tensor in (inputs, weight, bias)]
+    theirs = [tensor.clone().requires_grad_() for tensor in (inputs, weight, bias)]
+    out, expected = linear(*ours), F.linear(*theirs)
+    grad = torch.randn(expected.shape, dtype=dtype, generator=generator)
+    out.backward(grad)
+    expected.backward(grad)
+    tolerance = {"rtol": 1e-10, "atol": 1e-10} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-3}
+    for got, want in zip([out, *(t.grad for t in ours)], [expected, *(t.grad for t in theirs)], strict=True):
+        torch.testing.assert_close(got, want, **tolerance)
+
+
+def test_the_pinned_products_are_the_same_bytes_at_any_thread_count() -> None:
+    generator = torch.Generator().manual_seed(4)
+    inputs, weight = torch.randn(5000, 144, generator=generator), torch.randn(32, 144, generator=generator)
+    grad = torch.randn(5000, 32, generator=generator)
+    results = []
+    for threads in (1, 2, 3, 8):
+        set_cpu_threads(threads)
+        assert products.threads() == threads
+        results.append([
+            products.matmul(inputs.numpy(), weight.numpy().T).tobytes(),
+            products.matmul_over_rows(grad.numpy(), inputs.numpy()).tobytes(),
+            products.sum_over_rows(grad.numpy()).tobytes(),
+        ])  # fmt: skip
+    set_cpu_threads(1)
+    assert all(result == results[0] for result in results)
+    # Each task is one OpenBLAS thread: OpenBLAS's own split would change the bytes.
+    openblas = [info for info in threadpool_info() if info["internal_api"] == "openblas"]
+    # (Every OpenBLAS in the process: scipy's too, where another test imported it.)
+    assert openblas and all(info["num_threads"] == 1 for info in openblas), openblas
+
+
+def test_auto_threads_are_the_cores_this_process_may_use() -> None:
+    cores = len(os.sched_getaffinity(0))
+    assert available_cores() == cores
+    assert resolve_threads("auto") == cores and resolve_threads(3) == 3
+    assert resolve_threads("auto", processes=2 * cores) == 1  # never none
 
 
 def test_one_sgd_step_equals_the_closed_form_gradient() -> None:

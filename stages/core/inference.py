@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from stages.core import products
 from stages.core.artifacts import read_tensors
 from stages.core.contract import Card, check_images, check_weights, expected_weights, read_card
 from stages.core.files import WEIGHTS
@@ -35,9 +36,9 @@ class NumpyClassifier:
         pixels = images.reshape(len(images), -1).astype(np.float32)  # (B, H*W) in 0..255
         # Normalisation folded into the first layer, exactly as Classifier.forward does it.
         (weight, bias), *rest = self.layers
-        hidden = (pixels @ weight.T) * self.scale + (bias + self.shift * weight.sum(1))
+        hidden = products.matmul(pixels, weight.T) * self.scale + (bias + self.shift * weight.sum(1))
         for weight, bias in rest:
-            hidden = np.maximum(hidden, 0) @ weight.T + bias
+            hidden = products.matmul(np.maximum(hidden, 0), weight.T) + bias
         return hidden
 
 

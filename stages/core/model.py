@@ -17,11 +17,51 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stages.core import products
 from stages.core.artifacts import read_tensors, write_tensors
 from stages.core.contract import Architecture, Card, check_images, check_weights, layer_widths, read_card, write_card
 from stages.core.errors import FileProblem
 from stages.core.files import CARD, META, WEIGHTS
 from stages.core.splits import Meta
+
+
+class PinnedLinear(torch.autograd.Function):
+    """F.linear on the CPU through stages.core.products: forward, input and weight gradients whose bytes
+    do not depend on the CPU's kernels or on the thread count. Tensors and numpy arrays share memory."""
+
+    @staticmethod
+    def forward(ctx, inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(inputs, weight)
+        ctx.has_bias = bias is not None
+        out = products.matmul(inputs.detach().numpy(), weight.detach().numpy().T)  # (M, K) @ (K, N)
+        if bias is not None:
+            out += bias.detach().numpy()
+        return torch.from_numpy(out)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        inputs, weight = ctx.saved_tensors
+        g = grad.numpy()  # (M, N)
+        needs_inputs, needs_weight, needs_bias = ctx.needs_input_grad
+        grad_inputs = torch.from_numpy(products.matmul(g, weight.numpy())) if needs_inputs else None  # (M, K)
+        grad_weight = torch.from_numpy(products.matmul_over_rows(g, inputs.numpy())) if needs_weight else None
+        grad_bias = torch.from_numpy(products.sum_over_rows(g)) if ctx.has_bias and needs_bias else None
+        return grad_inputs, grad_weight, grad_bias
+
+
+def linear(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """inputs (M, K) -> (M, N) = inputs @ weight.T + bias, pinned on the CPU; elsewhere torch's own kernels
+    (CUDA and mps keep their own contract: README, Reproducibility)."""
+    if inputs.device.type != "cpu":
+        return F.linear(inputs, weight, bias)
+    return PinnedLinear.apply(inputs, weight, bias)
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same weights, same initialisation) computed by `linear`."""
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return linear(inputs, self.weight, self.bias)
 
 
 def relu_mlp(widths: list[int]) -> nn.Sequential:
@@ -30,7 +70,7 @@ def relu_mlp(widths: list[int]) -> nn.Sequential:
     for index, (width_in, width_out) in enumerate(itertools.pairwise(widths)):
         if index:
             layers.append(nn.ReLU())
-        layers.append(nn.Linear(width_in, width_out))
+        layers.append(Linear(width_in, width_out))
     return nn.Sequential(*layers)
 
 
@@ -59,7 +99,7 @@ class Classifier(nn.Module):
         # training), without an elementwise pass over every pixel of the batch, the costliest step here.
         first = self.layers[0]
         bias = first.bias + self.shift * first.weight.sum(1)
-        hidden = torch.nn.functional.linear(pixels, first.weight) * self.scale + bias  # (B, width)
+        hidden = linear(pixels, first.weight) * self.scale + bias  # (B, width)
         return self.layers[1:](hidden)  # (B, classes)
 
 
@@ -68,8 +108,8 @@ class Conv3x3(nn.Module):
     product of every position's 3x3 neighbourhood with the weights.
 
     Not nn.Conv2d: on the CPU it runs oneDNN, whose blockings (and with them the order of the weight
-    gradient's sums) follow the CPU's cache sizes, or NNPACK plus a per-image loop, which is slower. A
-    matrix product goes through MKL, which stages/numerics.py pins to the same bytes on every x86-64 CPU.
+    gradient's sums) follow the CPU's cache sizes and the thread count, or NNPACK plus a per-image loop,
+    which is slower. The matrix product is `linear`'s, the same bytes on every x86-64 CPU at any thread count.
     The weight has nn.Conv2d's shape and initialisation, so the saved weights also load into one.
     """
 
@@ -79,14 +119,44 @@ class Conv3x3(nn.Module):
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Conv2d's default
 
     def forward(self, maps: torch.Tensor) -> torch.Tensor:
-        batch, height, width, channels = maps.shape
-        padded = F.pad(maps, (0, 0, 1, 1, 1, 1))  # (B, H+2, W+2, Cin)
-        # (B, H, W, 9*Cin): each position's 3x3 neighbourhood in (row, column, channel) order, built from
-        # nine shifted slices (contiguous runs of channels: faster to copy than a strided unfold)
-        shifted = [padded[:, row : row + height, column : column + width] for row in range(3) for column in range(3)]
-        patches = torch.cat(shifted, dim=3).view(-1, 9 * channels)
-        out = patches @ self.weight.permute(0, 2, 3, 1).flatten(1).T  # (B*H*W, Cout)
+        batch, height, width, _ = maps.shape
+        patches = Neighbourhoods.apply(maps) if maps.requires_grad else neighbourhoods(maps)  # (B*H*W, 9*Cin)
+        out = linear(patches, self.weight.permute(0, 2, 3, 1).flatten(1))  # (B*H*W, Cout)
         return out.view(batch, height, width, self.weight.shape[0])  # explicit: a batch may be empty (a rank's part)
+
+
+def neighbourhoods(maps: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, C) -> (B*H*W, 9*C): each position's 3x3 neighbourhood (zero-padded) in (row, column,
+    channel) order, built from nine shifted slices (contiguous runs of channels: faster to copy than a
+    strided unfold)."""
+    _, height, width, channels = maps.shape
+    padded = F.pad(maps, (0, 0, 1, 1, 1, 1))  # (B, H+2, W+2, C)
+    shifted = [padded[:, row : row + height, column : column + width] for row in range(3) for column in range(3)]
+    return torch.cat(shifted, dim=3).view(-1, 9 * channels)
+
+
+class Neighbourhoods(torch.autograd.Function):
+    """`neighbourhoods` with a backward that adds the nine slices' gradients into one zeroed map, in place.
+
+    Autograd's own backward gives each slice a zeroed copy of the whole padded map and adds the nine up: a
+    third more of the cnn's second-block backward time, for the same sums in the same order (the last
+    slice first, as autograd runs them), so the same bytes.
+    """
+
+    @staticmethod
+    def forward(ctx, maps: torch.Tensor) -> torch.Tensor:
+        ctx.shape = maps.shape
+        return neighbourhoods(maps)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        batch, height, width, channels = ctx.shape
+        slices = grad.view(batch, height, width, 9, channels)
+        padded = grad.new_zeros(batch, height + 2, width + 2, channels)
+        for index in reversed(range(9)):
+            row, column = divmod(index, 3)
+            padded[:, row : row + height, column : column + width] += slices[:, :, :, index]
+        return padded[:, 1:-1, 1:-1]
 
 
 class ConvBlock(nn.Module):

@@ -9,9 +9,11 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from typing import Literal
 
 import torch
 
+from stages.core import products
 from stages.core.errors import SettingError
 
 
@@ -53,15 +55,26 @@ def make_deterministic(tf32: bool = False) -> None:
     torch.backends.cudnn.allow_tf32 = tf32
 
 
-def set_cpu_threads(count: int) -> None:
-    """Use `count` threads for CPU ops (a CUDA run uses them only around its kernels).
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which a container or `taskset` narrows)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
-    Fixed rather than left to torch (one per core): a matmul's float sums depend on how it is split
-    among threads, so the same params give the same bytes on machines with other core counts; and on a
-    busy machine a small model trains several times faster on one thread than on two that wait for each
-    other (benchmarks/train_speed.py measures it).
+
+def resolve_threads(setting: int | Literal["auto"], processes: int = 1) -> int:
+    """`auto`: this process's share of the available cores among `processes` on this machine; else as given."""
+    return max(1, available_cores() // processes) if setting == "auto" else setting
+
+
+def set_cpu_threads(count: int) -> None:
+    """Spend `count` threads on the models' matrix products, which are most of a step's work; torch's own
+    ops run on one.
+
+    The bytes never depend on `count`: the products are cut into tasks by their shapes alone
+    (stages/core/products.py), and torch's own reductions (the loss's mean, batch norm's statistics,
+    sums a kernel splits among its threads) see a single thread whatever `count` is.
     """
-    torch.set_num_threads(count)
+    torch.set_num_threads(1)
+    products.set_threads(count)
 
 
 def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:

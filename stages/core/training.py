@@ -44,7 +44,9 @@ class TrainConfig(BaseModel):
     epochs: int
     early_stopping: int  # patience: stop when validation loss has not improved for this many epochs; 0 = off
     seed: int  # initial weights and shuffling
-    threads: int  # CPU threads for torch's ops, per process; part of the recipe, as the float sums depend on it
+    # CPU threads for the matrix products, per process; auto = this process's share of its cores. A speed
+    # knob only: the bytes do not depend on it, so the recipe leaves it out.
+    threads: int | Literal["auto"]
     processes: int  # processes training together, each on its part of every batch (torch.distributed)
     device: str  # auto | cpu | cuda | cuda:N | mps
     precision: Literal["fp32", "bf16", "fp16"]  # bf16/fp16 autocast on CUDA only
@@ -55,11 +57,11 @@ class TrainConfig(BaseModel):
 
         `hidden` and `channels` live in the architecture (empty where the model has none) and `device` as
         the device actually used, so
-        a change that cannot change the weights (hidden sizes of a logreg, auto -> cpu on a CPU machine)
-        leaves the model's bytes, and so the evaluation, untouched. `processes` is recorded only when
+        a change that cannot change the weights (hidden sizes of a logreg, auto -> cpu on a CPU machine, the
+        thread count) leaves the model's bytes, and so the evaluation, untouched. `processes` is recorded only when
         several trained the model, so that a one-process card keeps the bytes it had before the key.
         """
-        recipe = self.model_dump(exclude={"model", "hidden", "channels", "device", "processes"})
+        recipe = self.model_dump(exclude={"model", "hidden", "channels", "device", "processes", "threads"})
         if self.processes > 1:
             recipe["processes"] = self.processes
         return recipe
