@@ -1,27 +1,32 @@
-"""Stage `download`: fetch the dataset named by `data.dataset`, verify every file, write `data/raw/`.
+"""Stage `download`: acquire the dataset named by `data.dataset`, verify every file, write `data/raw/`.
 
-Mirrors are tried in order (`data.mirrors`, then the registry's own, stages/datasets.yaml); each file is
-accepted only when its checksum matches, and stored decompressed (stages/core/fetch.py).
+A registered dataset (stages/datasets.yaml) is fetched from its mirrors (`data.mirrors` first); each file is
+accepted only when its checksum matches, and stored decompressed (stages/core/fetch.py). A folder of
+labelled pictures (`<folder>/train/<class>/...`, `<folder>/test/<class>/...`) is framed into the same IDX
+files, with a manifest listing every picture (stages/core/folders.py, docs/own-images.md).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlparse
 
-from stages.cli import argument_parser, explained, run
-from stages.core.datasets import Manifest, lookup, write_manifest
+from stages.cli import StageError, argument_parser, explained, run, warn
+from stages.core.datasets import Manifest, load_registry, lookup, write_manifest
 from stages.core.fetch import SCHEMES, fetch_file, prepare_folder
+from stages.core.folders import FOLDER_FRAME, UnreadablePicture, acquire
 from stages.params import Params, load_section, require
 
 
 class DataParams(Params):
     """`data`: what the download stage fetches, and from where."""
 
-    dataset: str  # a name in stages/datasets.yaml
+    dataset: str  # a name in stages/datasets.yaml, or a folder of labelled pictures
     mirrors: tuple[str, ...]  # tried before the registry's own mirrors: URLs or local directories
     timeout_s: float  # per connection attempt and per read
     retries: int  # extra attempts per mirror after a transient error (5xx, reset, timeout, short body)
+    unreadable: Literal["stop", "skip"]  # a folder's picture that cannot be read: stop there, or leave it out
 
     def check(self) -> None:
         require(self.timeout_s > 0, "data.timeout_s", "must be > 0")
@@ -52,6 +57,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="folder for the verified IDX files")
     args = parser.parse_args()
     params = load_section(args.params, "data", DataParams)
+    if params.dataset not in load_registry():
+        write_manifest(args.out, acquire_folder(Path(params.dataset), args.out, params.unreadable))
+        return
     with explained("data.dataset"):
         dataset = lookup(params.dataset)
     mirrors = [*params.mirrors, *dataset.mirrors]
@@ -61,6 +69,19 @@ def main() -> None:
         for spec in dataset.files.values():
             fetch_file(spec, mirrors, args.out, timeout_s=params.timeout_s, retries=params.retries)
     write_manifest(args.out, Manifest.of(dataset))  # last: it says the folder is complete
+
+
+def acquire_folder(folder: Path, out: Path, unreadable: str) -> Manifest:
+    """The pictures of `folder` framed into `out`; `unreadable` says what a picture that cannot be read does."""
+    skip = None if unreadable == "stop" else lambda file, problem: warn(f"{folder / file}: left out: {problem}")
+    with explained("data.dataset"):
+        if not folder.is_dir():
+            lookup(str(folder))  # the line that lists the registered names, and says that a folder works too
+        prepare_folder(out, None)
+        try:
+            return acquire(folder, out, FOLDER_FRAME, skip)
+        except UnreadablePicture as error:
+            raise StageError(f"{error}; fix or remove it, or set data.unreadable: skip") from None
 
 
 if __name__ == "__main__":

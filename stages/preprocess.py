@@ -14,7 +14,7 @@ from stages.cli import argument_parser, explained, run
 from stages.core.artifacts import atomic_directory
 from stages.core.datasets import read_manifest
 from stages.core.idx import read_raw
-from stages.core.splits import describe, save_split, split_train_val, write_meta
+from stages.core.splits import describe, hold_out, save_split, split_train_val, write_meta
 from stages.params import Params, load_section, require
 
 
@@ -22,10 +22,12 @@ class PreprocessParams(Params):
     """`preprocess`: how the training set is split into train and validation."""
 
     val_size: int  # images held out of the training set for validation
+    test_size: int  # images held out as the test split, only when the dataset has none (a folder without test/)
     seed: int
 
     def check(self) -> None:
         require(self.val_size >= 1, "preprocess.val_size", "must be >= 1")
+        require(self.test_size >= 1, "preprocess.test_size", "must be >= 1")
 
 
 def main() -> None:
@@ -36,11 +38,14 @@ def main() -> None:
     params = load_section(args.params, "preprocess", PreprocessParams)
 
     manifest = read_manifest(args.raw)
-    raw = read_raw(args.raw, manifest)  # "train" and "test"
+    raw = read_raw(args.raw, manifest)  # "train", and "test" unless a folder of pictures had no test/
+    if "test" not in raw:
+        with explained("preprocess.test_size"):
+            raw["train"], raw["test"] = hold_out(*raw["train"], params.test_size, params.seed)
     with explained("preprocess.val_size"):
         splits = split_train_val(*raw["train"], params.val_size, params.seed)
     splits["test"] = raw["test"]
-    meta = describe(manifest.dataset, manifest.classes, splits)
+    meta = describe(manifest.dataset, manifest.classes, splits, manifest.frame)
     with atomic_directory(args.out) as folder:
         for name, (images, labels) in splits.items():
             save_split(folder, name, images, labels)

@@ -95,7 +95,7 @@ def main() -> None:
             return
         used = str(device) if world.size == 1 else device.type  # several processes: one GPU each
         recorded = {"device": used, "numerics": numerics, "recipe": params.recipe()}
-        card = Card(architecture=architecture, classes=meta.classes, dataset=meta.dataset, **recorded)
+        card = Card(architecture=architecture, classes=meta.classes, dataset=meta.dataset, frame=meta.frame, **recorded)
         with atomic_directory(args.out) as folder:
             with epoch_log(folder / TRAINING_LOG, args.live, params.epochs, used) as report:
                 save = checkpoint.save if checkpoint else None

@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
@@ -25,6 +26,10 @@ from stages.core.training import FitConfig
 PROJECT = Path(__file__).resolve().parent.parent
 PYTHON_BIN = str(Path(sys.executable).parent)  # the venv's bin: `python` and `dvc` in dvc.yaml resolve here
 TINY = "tiny"  # the dataset name the tests register in a project copy
+DEBIAN_MIRROR = Path("/usr/share/datasets/fashion-mnist")  # the real data, offline: Debian's dataset-fashion-mnist
+NEEDS_REAL_DATA = pytest.mark.skipif(
+    not DEBIAN_MIRROR.is_dir(), reason="needs Debian's dataset-fashion-mnist (make test installs it via apt)"
+)
 
 
 def idx_bytes(tensor: torch.Tensor) -> bytes:

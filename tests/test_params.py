@@ -98,7 +98,11 @@ def test_params_file_problems(tmp_path: Path) -> None:
 
 # Through the stage CLIs: one line on stderr, exit 1, nothing written.
 CLI_CASES = [
-    ("download", {"data.dataset": "cifar"}, "download: error: data.dataset: unknown dataset 'cifar'; allowed: "),
+    (
+        "download",
+        {"data.dataset": "cifar"},
+        "download: error: data.dataset: 'cifar' is neither a registered dataset (fashion-mnist, mnist, kmnist",
+    ),
     ("train", {"train.model": "resnet"}, "train: error: train.model: got 'resnet'; allowed: logreg, mlp, cnn"),
     ("train", {"train.lr": -1}, "train: error: train.lr: must be > 0"),
     ("train", {"train.epochs": 0}, "train: error: train.epochs: must be >= 1"),

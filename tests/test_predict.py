@@ -121,6 +121,32 @@ def test_picture_at_the_model_size_is_taken_as_is() -> None:
         assert inverted and conversion == "28x28 as is, inverted"
 
 
+@pytest.mark.parametrize("factor", [2, 3, 4, 10])
+@pytest.mark.parametrize("resample", ["NEAREST", "BILINEAR", "BICUBIC"])
+def test_an_enlarged_dataset_image_is_reduced_to_the_original(factor: int, resample: str) -> None:
+    """Grey or colour, either polarity: the k-fold enlargement gives back the 28x28 image, not a re-framed one."""
+    images, _ = synthetic_split(4, seed=5)
+    for index, image in enumerate(images.numpy()):
+        light = index % 2 == 1  # a dark object on a light background, in colour
+        shown = Image.fromarray(255 - image if light else image).convert("RGB" if light else "L")
+        picture = shown.resize((28 * factor, 28 * factor), Image.Resampling[resample])
+        for frame in (FASHION, None):  # also for a dataset that does not document its framing
+            pixels, inverted, conversion = fit_picture(picture, frame, (28, 28))
+            assert inverted == light and f"{factor}x" in conversion and "enlargement" in conversion
+            # The 8-bit rounding of the enlargement (and of RGB), and bicubic overshoot clipped at 0 and 255.
+            difference = np.abs(pixels.astype(int) - image)
+            assert difference.mean() < 0.5 and (difference > 2).mean() < 0.02
+
+
+def test_a_photo_of_a_multiple_size_is_framed_not_reduced() -> None:
+    # 56x56, a dark block whose edges fall inside 2x2 cells: detail finer than 2 pixels, so a photo.
+    picture = np.full((56, 56), 250, np.uint8)
+    picture[9:46, 17:38] = 30
+    pixels, inverted, conversion = fit_picture(Image.fromarray(picture), FASHION, (28, 28))
+    assert inverted and "trimmed to 21x37" in conversion
+    assert pixels[:, 14].min() > 0 and pixels[14].max() > 0  # refitted: the object spans the frame's height
+
+
 @pytest.mark.e2e
 def test_cli_predicts_what_the_model_predicts(model_dir: Path, tmp_path: Path) -> None:
     images, _ = synthetic_split(6, seed=1)
@@ -157,6 +183,8 @@ def test_cli_bad_inputs_are_one_line_each_and_the_rest_is_predicted(model_dir: P
     (tmp_path / "empty").mkdir()
     np.save(tmp_path / "float.npy", np.random.default_rng(0).random((2, 28, 28)))
     np.save(tmp_path / "small.npy", np.zeros((2, 20, 20), np.uint8))
+    np.save(tmp_path / "none.npy", np.zeros((0, 28, 28), np.uint8))
+    (tmp_path / "text.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not a picture at all" * 4)
     bad = {
         "corrupt.png": "damaged PNG file",
         "cut.jpg": "damaged JPEG file",
@@ -164,12 +192,14 @@ def test_cli_bad_inputs_are_one_line_each_and_the_rest_is_predicted(model_dir: P
         "empty": "empty folder: no files to predict",
         "float.npy": "got float64 pixels; the model takes uint8 pixels 0-255",
         "small.npy": "got 20x20 images; the model takes 28x28 images",
+        "none.npy": "holds no images (an array of shape (0, 28, 28))",
+        "text.png": "damaged PNG file (cannot identify image file)",
         "missing.png": "no such file or folder",
     }
     result = predict_cli(tmp_path, "--model", str(model_dir), "shirt.jpg", *bad)
     assert result.returncode == 1
     errors = result.stderr.splitlines()
-    assert len(errors) == len(bad) and "Traceback" not in result.stderr
+    assert len(errors) == len(bad) and "Traceback" not in result.stderr and " at 0x" not in result.stderr
     for line, (name, message) in zip(errors, bad.items(), strict=True):
         assert line.startswith(f"predict: error: {name}: {message}")
     header, row = result.stdout.splitlines()

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import RECIPES, copy_project, dvc, init_repo, recipe_line, run, run_stage, stages_run
+from helpers import NEEDS_REAL_DATA, RECIPES, copy_project, dvc, init_repo, recipe_line, run, run_stage, stages_run
 
-DEBIAN_MIRROR = Path("/usr/share/datasets/fashion-mnist")
 # The Fashion-MNIST paper's LogisticRegression baseline (benchmark/baselines.json in its repository).
 ACCURACY_FLOOR = 0.842
 # What the README promises about other numerics (Reproducibility), measured here with the unpinned kernels.
@@ -23,13 +22,7 @@ METRIC_TOLERANCE = {"accuracy": 0.002, "loss": 0.002}
 # Two processes of a thread each (a 2-core machine), as the README gives them (Training on several processes).
 TWO_PROCESSES = {"train.processes": 2, "train.threads": 1}
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.e2e,
-    pytest.mark.skipif(
-        not DEBIAN_MIRROR.is_dir(), reason="needs Debian's dataset-fashion-mnist (make test installs it via apt)"
-    ),
-]
+pytestmark = [pytest.mark.slow, pytest.mark.e2e, NEEDS_REAL_DATA]
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,9 @@
 
     python -m stages.commands.predict PATH... [--model DIR] [--top-k K] [--json]     (installed: mnist-predict)
 
-Pictures are fitted into the frame the model's dataset made its images with (stages/datasets.yaml), a
-dark object on a light background is inverted, and each row says what was done. Arrays are taken as
+Pictures are fitted into the frame the model's dataset made its images with (stages/datasets.yaml), an
+integer enlargement of an image of the model's size is reduced back to it (docs/own-images.md), a dark
+object on a light background is inverted, and each row says what was done. Arrays are taken as
 they are and must already be uint8 images of the model's size. A file or folder that gives no image is
 one line on stderr; the others are still predicted, and the exit status is 1.
 """
@@ -70,7 +71,7 @@ def predict_files(
 ) -> tuple[list[Row], int]:
     """Rows for every image the paths give; `report(line)` for each that gives none. Returns the failures too."""
     image_shape = card.architecture.image_shape
-    frame = frame_for(card.dataset)
+    frame = Frame(**card.frame) if card.frame else frame_for(card.dataset)
     names, batches, notes, failures = [], [], [], 0
     for path, problem in list_inputs(paths):
         try:

@@ -59,6 +59,7 @@ def check_images(images: Any, image_shape: list[int] | tuple[int, ...]) -> None:
 # The card's JSON types: the keys and types are its writer's, the values its reader's business.
 Numerics = dict[str, str | None]  # stages.numerics.settings(): what the CPU computed with
 Recipe = dict[str, str | int | float | bool]  # TrainConfig.recipe(): what the weights depend on
+FrameRecord = dict[str, str | int | float | None]  # stages.core.datasets.Frame's fields: how pictures were framed
 
 
 class Architecture(BaseModel):
@@ -107,6 +108,9 @@ class Card(BaseModel):
     numerics: Numerics | None = None
     recipe: Recipe | None = None
     stopped: Stopped | None = None
+    # How the dataset's pictures were framed, when it is a folder of pictures (a registered dataset's frame is
+    # in stages/datasets.yaml): predict frames a new picture the same way.
+    frame: FrameRecord | None = None
 
     @model_validator(mode="after")
     def _one_name_per_output(self) -> Card:

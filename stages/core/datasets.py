@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from stages.core.artifacts import read_checked, write_json
+from stages.core.contract import FrameRecord
 from stages.core.errors import SettingError
 from stages.core.files import MANIFEST
 
@@ -23,6 +24,7 @@ REGISTRY_FILE = Path(__file__).resolve().parent.parent / "datasets.yaml"
 
 # The four IDX files of every MNIST-family dataset, by role.
 ROLES = ("train_images", "train_labels", "test_images", "test_labels")
+TRAIN_ROLES = ROLES[:2]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +72,7 @@ def load_registry(path: Path = REGISTRY_FILE) -> dict[str, DatasetSpec]:
 def lookup(name: str, path: Path = REGISTRY_FILE) -> DatasetSpec:
     registry = load_registry(path)
     if name not in registry:
-        raise SettingError(f"unknown dataset {name!r}; allowed: {', '.join(registry)}")
+        raise SettingError(f"{name!r} is neither a registered dataset ({', '.join(registry)}) nor a folder of pictures")
     return registry[name]
 
 
@@ -92,11 +94,17 @@ class Manifest(BaseModel):
     dataset: str
     classes: tuple[str, ...]
     files: dict[str, str]  # role (see ROLES) -> file name in the same folder
+    # A folder of pictures only: how they were framed (Frame's fields), and per split what each picture was
+    # (file, label, size, sha256), so that changing one changes the raw folder's hash.
+    frame: FrameRecord | None = None
+    pictures: dict[str, list[dict[str, str | int]]] | None = None
 
     @field_validator("files")
     @classmethod
     def _every_role(cls, files: dict[str, str]) -> dict[str, str]:
-        if not all(role in files for role in ROLES):
+        # The test pair may be absent (a folder of pictures without test/: preprocess holds a test split out).
+        needed = ROLES if any(role.startswith("test") for role in files) else TRAIN_ROLES
+        if not all(role in files for role in needed):
             raise ValueError("a file for each role")
         return files
 
@@ -107,7 +115,7 @@ class Manifest(BaseModel):
 
 
 def write_manifest(folder: Path, manifest: Manifest) -> None:
-    write_json(folder / MANIFEST, manifest.model_dump(mode="json"))
+    write_json(folder / MANIFEST, manifest.model_dump(mode="json", exclude_none=True))
 
 
 def read_manifest(folder: Path) -> Manifest:

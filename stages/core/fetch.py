@@ -78,13 +78,14 @@ class Sink:
             raise WriteError(error.errno, error.strerror, str(self.path)) from None
 
 
-def prepare_folder(out: Path, dataset: DatasetSpec) -> None:
-    """Make `out` ready for `dataset`'s files: sweep a killed run's temporaries, remove the old manifest.
+def prepare_folder(out: Path, dataset: DatasetSpec | None) -> None:
+    """Make `out` ready for `dataset`'s files (None: a folder of pictures): sweep a killed run's temporaries,
+    remove the old manifest.
 
     Until the new manifest is written, nothing in `out` claims to be a complete, verified dataset.
     """
     ensure_folder(out)
-    for spec in dataset.files.values():
+    for spec in dataset.files.values() if dataset else ():
         for name in (spec.name, spec.payload_name):
             remove_stale_temporaries(out, name)
     (out / MANIFEST).unlink(missing_ok=True)

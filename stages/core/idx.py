@@ -83,13 +83,14 @@ def read_split(images_path: Path, labels_path: Path, num_classes: int) -> tuple[
 
 
 def read_raw(folder: Path, manifest: Manifest) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """The "train" and "test" splits of a downloaded folder, as its manifest lists them."""
+    """The "train" and (when the manifest lists it) "test" splits of a downloaded folder."""
     files = {role: folder / name for role, name in manifest.files.items()}
     splits = {
         split: read_split(files[f"{split}_images"], files[f"{split}_labels"], len(manifest.classes))
         for split in ("train", "test")
+        if f"{split}_images" in files
     }
-    (train_images, _), (test_images, _) = splits["train"], splits["test"]
+    (train_images, _), (test_images, _) = splits["train"], splits.get("test", splits["train"])
     if train_images.shape[1:] != test_images.shape[1:]:
         problem = f"images are {tuple(test_images.shape[1:])}, the training images {tuple(train_images.shape[1:])}"
         raise FileProblem(files["test_images"], problem, artifact="raw", kind="inconsistent")

@@ -9,8 +9,10 @@ in a process that has imported torch, `from PIL import Image` adds at most 0.2 s
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,6 +31,21 @@ SIGNATURES = {
 }
 READABLE = "PNG, JPEG, .npy (uint8, HxW or NxHxW) or IDX"
 LIGHT = 128  # a corner luma at least this is a light background: the picture is inverted
+# An enlarged image is given back by enlarging its own reduction to within this RMS (grey levels): the
+# rounding of an 8-bit enlargement is at most 0.5, and a photograph's detail and noise at the scale of
+# single pixels is far above it.
+ENLARGED_RMS = 1.5
+EXACT_RMS = 0.05  # given back exactly: no other filter can do better
+# The filters an enlargement is tried against: PIL's, which are also OpenCV's and torchvision's kernels
+# with the same pixel-centre convention (nearest, bilinear, bicubic) and the anti-aliasing ones.
+ENLARGEMENTS = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "hamming": Image.Resampling.HAMMING,
+}
+OBJECT_REPR = re.compile(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>")  # `<_io.BytesIO object at 0x7f...>`: no help to a user
 
 
 class UnreadableInput(ValueError):
@@ -77,10 +94,11 @@ def read_input(path: Path, frame: Frame | None, image_shape: tuple[int, int]) ->
     except OSError as error:
         raise UnreadableInput(f"cannot read: {error.strerror}") from None
     kind = next((kind for magic, kind in SIGNATURES.items() if data.startswith(magic)), None)
-    if kind == "npy":
-        return Converted(read_npy(data), False, "array as is", array=True)
-    if kind == "idx":
-        return Converted(read_idx_images(path, data[3] if len(data) > 3 else 3), False, "IDX images as is", array=True)
+    if kind in ("npy", "idx"):
+        images = read_npy(data) if kind == "npy" else read_idx_images(path, data[3] if len(data) > 3 else 3)
+        if images.ndim > 0 and len(images) == 0:
+            raise UnreadableInput(f"holds no images (an array of shape {images.shape})")
+        return Converted(images, False, "array as is" if kind == "npy" else "IDX images as is", array=True)
     if kind == "gzip":
         raise UnreadableInput(f"gzip-compressed; gunzip it first (predict reads {READABLE} files)")
     if kind is None:
@@ -94,7 +112,7 @@ def read_npy(data: bytes) -> np.ndarray:
     try:
         array = np.load(io.BytesIO(data), allow_pickle=False)
     except (ValueError, OSError) as error:
-        raise UnreadableInput(f"damaged .npy file ({error})") from None
+        raise UnreadableInput(f"damaged .npy file ({plain(error)})") from None
     return array[None] if array.ndim == 2 else array  # a single H x W image is a batch of one
 
 
@@ -116,8 +134,14 @@ def decode_picture(data: bytes, kind: str) -> Image.Image:
         picture = Image.open(io.BytesIO(data), formats=(kind.upper(),))
         picture.load()
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise UnreadableInput(f"damaged {kind.upper()} file ({error})") from None
+        raise UnreadableInput(f"damaged {kind.upper()} file ({plain(error)})") from None
     return picture
+
+
+def plain(error: Exception) -> str:
+    """A library's message without the Python object reprs it may carry (PIL names the BytesIO it read)."""
+    text = OBJECT_REPR.sub("", str(error)).strip()
+    return text or type(error).__name__
 
 
 def fit_picture(
@@ -142,6 +166,11 @@ def fit_picture(
     if (height, width) == tuple(image_shape):
         gray = pixels[..., 0] if image.mode == "L" else np.asarray(image.convert("L"))
         return (255 - gray if inverted else gray.copy()), inverted, f"{size} as is" + (", inverted" if inverted else "")
+    enlarged = reduce_enlargement(image, image_shape)
+    if enlarged is not None:
+        gray, factor, name = enlarged
+        conversion = f"{size} = {factor}x {name} enlargement, reduced" + (", inverted" if inverted else "")
+        return (255 - gray if inverted else gray), inverted, conversion
     if frame is None or tuple(image_shape) != (frame.size, frame.size):
         wanted = "x".join(map(str, image_shape))
         raise UnreadableInput(
@@ -192,6 +221,47 @@ def _placement(gray: Image.Image, frame: Frame) -> tuple[int, int]:
             left = int(np.clip(round(frame.size / 2 - (cx + 0.5)), 0, frame.size - gray.width))
             top = int(np.clip(round(frame.size / 2 - (cy + 0.5)), 0, frame.size - gray.height))
     return left, top
+
+
+def reduce_enlargement(image: Image.Image, image_shape: tuple[int, int]) -> tuple[np.ndarray, int, str] | None:
+    """The uint8 (H, W) image that `image` is an integer enlargement of, with the factor and the filter; None
+    for anything else (a photograph, a drawing, a picture of another size).
+
+    An enlargement is linear and separable, picture = R @ image @ C.T, so per filter the least-squares
+    reduction is enlarged again: the picture is an enlargement when one filter gives it back within
+    ENLARGED_RMS; the filter that gives it back best is taken (two filters may both be close: bilinear and
+    bicubic differ by less than their 8-bit rounding on a smooth image).
+    """
+    height, width = image_shape
+    factor = image.height // height
+    if factor < 2 or image.size != (width * factor, height * factor):
+        return None
+    pixels = np.asarray(image.convert("L"), dtype=np.float32)  # (kH, kW)
+    best = (np.inf, "", pixels)
+    for name in ENLARGEMENTS:
+        (rows, rows_inverse), (columns, columns_inverse) = (
+            _enlarging(height, factor, name),
+            _enlarging(width, factor, name),
+        )
+        reduced = rows_inverse @ (pixels @ columns_inverse.T)  # (H, W)
+        error = float(np.sqrt(np.mean(((rows @ reduced) @ columns.T - pixels) ** 2)))
+        if error < best[0]:
+            best = (error, name, reduced)
+        if error < EXACT_RMS:
+            break  # the blocks of a nearest enlargement: no other filter fits better
+    error, name, reduced = best
+    if error > ENLARGED_RMS:
+        return None
+    return np.clip(np.rint(reduced), 0, 255).astype(np.uint8), factor, name
+
+
+@functools.cache
+def _enlarging(size: int, factor: int, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """PIL's `name` enlargement of `size` pixels to `factor * size` as a matrix (factor * size, size), and its
+    pseudo-inverse (size, factor * size): column i of the matrix is what PIL makes of a single bright pixel i."""
+    identity = Image.fromarray(np.eye(size, dtype=np.float32), mode="F")
+    matrix = np.asarray(identity.resize((factor * size, size), ENLARGEMENTS[name]), dtype=np.float64).T
+    return matrix.astype(np.float32), np.ascontiguousarray(np.linalg.pinv(matrix), dtype=np.float32)
 
 
 def _flatten(picture: Image.Image) -> Image.Image:

@@ -13,6 +13,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
 from stages.core.artifacts import read_checked, read_tensors, write_json, write_tensors
+from stages.core.contract import FrameRecord
 from stages.core.errors import SettingError, damaged
 from stages.core.files import META, split_file
 from stages.core.runtime import to_device
@@ -32,18 +33,22 @@ class Meta(BaseModel):
     # Of pixel values scaled to [0, 1], over the training split only (val and test stay unseen).
     mean: float
     std: float = Field(gt=0)
+    frame: FrameRecord | None = None  # a folder of pictures: how they were framed (the download's manifest)
 
 
 def split_train_val(images: torch.Tensor, labels: torch.Tensor, val_size: int, seed: int) -> dict[str, Split]:
     """Hold out `val_size` images, chosen by a seeded permutation; both splits keep the file's order."""
-    if val_size >= len(images):
-        raise SettingError(f"{val_size} is not smaller than the training set ({len(images)} images); lower it")
+    train, val = hold_out(images, labels, val_size, seed)
+    return {"train": train, "val": val}
+
+
+def hold_out(images: torch.Tensor, labels: torch.Tensor, size: int, seed: int) -> tuple[Split, Split]:
+    """(the rest, `size` images chosen by a seeded permutation), both in the file's order."""
+    if size >= len(images):
+        raise SettingError(f"{size} is not smaller than the training set ({len(images)} images); lower it")
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
-    val_index, train_index = order[:val_size].sort().values, order[val_size:].sort().values
-    return {
-        "train": (images[train_index], labels[train_index]),
-        "val": (images[val_index], labels[val_index]),
-    }
+    held, kept = order[:size].sort().values, order[size:].sort().values
+    return (images[kept], labels[kept]), (images[held], labels[held])
 
 
 def pixel_statistics(images: torch.Tensor) -> tuple[float, float]:
@@ -52,7 +57,7 @@ def pixel_statistics(images: torch.Tensor) -> tuple[float, float]:
     return round(pixels.mean().item(), 8), round(pixels.std().item(), 8)
 
 
-def describe(dataset: str, classes: tuple[str, ...], splits: dict[str, Split]) -> Meta:
+def describe(dataset: str, classes: tuple[str, ...], splits: dict[str, Split], frame: FrameRecord | None) -> Meta:
     """The meta.json of `splits` of `dataset`, normalised by the statistics of the "train" split."""
     mean, std = pixel_statistics(splits["train"][0])
     height, width = splits["train"][0].shape[1:]
@@ -63,6 +68,7 @@ def describe(dataset: str, classes: tuple[str, ...], splits: dict[str, Split]) -
         sizes={name: len(images) for name, (images, _) in splits.items()},
         mean=mean,
         std=std,
+        frame=frame,
     )
 
 
@@ -72,7 +78,7 @@ def save_split(folder: Path, name: str, images: torch.Tensor, labels: torch.Tens
 
 
 def write_meta(folder: Path, meta: Meta) -> None:
-    write_json(folder / META, meta.model_dump(mode="json"))
+    write_json(folder / META, meta.model_dump(mode="json", exclude_none=True))
 
 
 def load_split(folder: Path, name: str, device: torch.device) -> Split:

@@ -1,0 +1,177 @@
+"""A folder of labelled pictures (torchvision's `ImageFolder` layout) as a dataset: its classes, its pictures
+framed into images, and the list of what it held.
+
+    <root>/train/<class>/<picture>   and   <root>/test/<class>/<picture>
+
+Class names and their order are the folder names, sorted, as torchvision's `find_classes` gives them;
+pictures are the PNG and JPEG files below each class folder, sorted by path (hidden files skipped). Each is
+framed by `stages.core.images.fit_picture`, the function predict frames a photo with, into `FOLDER_FRAME`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import os
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from stages.core.artifacts import atomic_file
+from stages.core.datasets import ROLES, Frame, Manifest
+from stages.core.errors import SettingError
+from stages.core.images import SIGNATURES, UnreadableInput, decode_picture, fit_picture
+
+SPLIT_FOLDERS = ("train", "test")
+CHUNK = 2000  # pictures per task when framing on several CPUs: a pool pays off from two chunks on
+# The raw files of a folder dataset: the names the registered datasets' IDX files have, by role.
+RAW_NAMES = dict(
+    zip(
+        ROLES,
+        ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+        strict=True,
+    )
+)
+EXTENSIONS = (".png", ".jpg", ".jpeg")  # torchvision's IMG_EXTENSIONS that PIL decodes here
+# Pictures of any size are framed as Fashion-MNIST frames a product shot (trimmed, longest edge to the
+# side, centred), anti-aliased rather than subsampled: a user's photos are larger than the thumbnails
+# Fashion-MNIST subsampled, and subsampling them aliases.
+FOLDER_FRAME = Frame(size=28, box=28, trim_tolerance=0.05, resample="antialias", sharpen_sigma=None, centre="box")
+
+
+class UnreadablePicture(SettingError):
+    """A picture of the folder that gives no image: `path: why`."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Picture:
+    file: str  # relative to the dataset's root, with "/"
+    label: int  # index into the classes
+    size: int  # bytes
+    sha256: str
+
+    def listed(self, classes: tuple[str, ...]) -> dict[str, str | int]:
+        """The manifest's entry: file, class (by name), size, sha256."""
+        return {"file": self.file, "class": classes[self.label], "size": self.size, "sha256": self.sha256}
+
+
+def find_classes(split: Path) -> tuple[str, ...]:
+    """The class folders of `split`, sorted (torchvision's `find_classes`); SettingError for a name a card
+    cannot carry or fewer than two classes."""
+    if not split.is_dir():
+        raise SettingError(f"{split}: no such folder; the layout is <root>/train/<class>/<picture> (and test/ alike)")
+    classes = tuple(sorted(entry.name for entry in os.scandir(split) if entry.is_dir() and entry.name[0] != "."))
+    for name in classes:
+        if name != name.strip() or not name.isprintable():
+            raise SettingError(f"{split / name}: {name!r} is not a class name (spaces at an end, or unprintable)")
+    if len(classes) < 2:
+        found = f"only {classes[0]!r}" if classes else "none"
+        raise SettingError(f"{split}: a classifier needs two classes or more (class folders found: {found})")
+    return classes
+
+
+def list_pictures(root: Path, split: str, classes: tuple[str, ...]) -> list[tuple[str, int]]:
+    """(relative path, label) of every picture of `split`, by class then path; SettingError for an empty class."""
+    pictures = []
+    for label, name in enumerate(classes):
+        folder = root / split / name
+        found = []
+        for parent, subfolders, names in os.walk(folder):
+            subfolders[:] = sorted(sub for sub in subfolders if not sub.startswith("."))
+            found += [
+                os.path.relpath(os.path.join(parent, file), root).replace(os.sep, "/")
+                for file in names
+                if not file.startswith(".") and file.lower().endswith(EXTENSIONS)
+            ]
+        if not found:
+            raise SettingError(f"{folder}: no pictures (PNG or JPEG) in this class folder; add some or remove it")
+        pictures += [(path, label) for path in sorted(found)]
+    return pictures
+
+
+def frame_pictures(
+    root: Path,
+    pictures: list[tuple[str, int]],
+    frame: Frame,
+    skip: Callable[[str, str], None] | None,
+) -> tuple[np.ndarray, np.ndarray, list[Picture]]:
+    """uint8 images (N, size, size), int64 labels (N,), and what each picture was, in the order given.
+
+    A picture that cannot be read stops with UnreadablePicture naming it, or, with `skip`, is reported to
+    `skip(file, problem)` and left out. Large folders are framed on every CPU (the same result: each picture
+    is framed alone, and the chunks are put back in order).
+    """
+    chunks = [pictures[start : start + CHUNK] for start in range(0, len(pictures), CHUNK)]
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # Linux: ours
+    workers = min(cpus, len(chunks))
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            framed = list(pool.map(_frame_chunk, itertools.repeat(root), chunks, itertools.repeat(frame)))
+    else:
+        framed = [_frame_chunk(root, chunk, frame) for chunk in chunks]
+    for file, problem in (problem for *_, problems in framed for problem in problems):
+        if skip is None:
+            raise UnreadablePicture(f"{root / file}: {problem}")
+        skip(file, problem)
+    images = np.concatenate([images for images, *_ in framed]) if framed else np.empty((0, frame.size, frame.size))
+    labels = np.array([label for _, labels, _, _ in framed for label in labels], np.int64)
+    return images.astype(np.uint8), labels, [picture for _, _, kept, _ in framed for picture in kept]
+
+
+def _frame_chunk(
+    root: Path, pictures: list[tuple[str, int]], frame: Frame
+) -> tuple[np.ndarray, list[int], list[Picture], list[tuple[str, str]]]:
+    """Frame some pictures: the images (n, size, size), their labels, what they were, and (file, problem) for
+    each that gives no image."""
+    shape = (frame.size, frame.size)
+    images = np.empty((len(pictures), *shape), np.uint8)
+    labels, kept, problems = [], [], []
+    for file, label in pictures:
+        data = (root / file).read_bytes()
+        try:
+            kind = next((kind for magic, kind in SIGNATURES.items() if data.startswith(magic)), None)
+            if kind not in ("png", "jpeg"):
+                raise UnreadableInput("not a PNG or JPEG file")
+            pixels, _, _ = fit_picture(decode_picture(data, kind), frame, shape)
+        except UnreadableInput as error:
+            problems.append((file, str(error)))
+            continue
+        images[len(kept)] = pixels
+        labels.append(label)
+        kept.append(Picture(file, label, len(data), hashlib.sha256(data).hexdigest()))
+    return images[: len(kept)], labels, kept, problems
+
+
+def acquire(root: Path, out: Path, frame: Frame, skip: Callable[[str, str], None] | None) -> Manifest:
+    """Frame every picture of `root` into the IDX files of a registered dataset in `out`; return the manifest,
+    which lists each picture (file, class, size, sha256) so that a changed picture changes the raw folder."""
+    classes = find_classes(root / "train")
+    splits = [split for split in SPLIT_FOLDERS if (root / split).is_dir()]  # without test/, preprocess holds one out
+    if "test" in splits and (test_classes := find_classes(root / "test")) != classes:
+        raise SettingError(f"{root / 'test'}: classes {list(test_classes)} differ from train/'s {list(classes)}")
+    listed = {}
+    for split in splits:
+        images, labels, pictures = frame_pictures(root, list_pictures(root, split, classes), frame, skip)
+        if not len(images):
+            raise SettingError(f"{root / split}: none of its pictures could be read")
+        write_idx(out / RAW_NAMES[f"{split}_images"], images)
+        write_idx(out / RAW_NAMES[f"{split}_labels"], labels.astype(np.uint8))
+        listed[split] = [picture.listed(classes) for picture in pictures]
+    return Manifest(
+        dataset=str(root),
+        classes=classes,
+        files={role: name for role, name in RAW_NAMES.items() if role.partition("_")[0] in splits},
+        frame=dataclasses.asdict(frame),
+        pictures=listed,
+    )
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """An unsigned-byte IDX file (magic 0x0000 08 <ndim>, big-endian sizes, the bytes): the raw form the
+    registered datasets have, so that preprocess reads a folder's pictures as it reads theirs."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(size.to_bytes(4, "big") for size in array.shape)
+    with atomic_file(path) as temp:
+        temp.write_bytes(header + np.ascontiguousarray(array).tobytes())
