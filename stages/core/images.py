@@ -176,7 +176,16 @@ def fit_picture(
         raise UnreadableInput(
             f"{size} picture; the model's dataset does not document how it framed its images: give {wanted} pictures"
         )
+    framed, conversion = frame_photo(image, pixels, corner, inverted, frame)
+    return framed, inverted, conversion
 
+
+def frame_photo(
+    image: Image.Image, pixels: np.ndarray, corner: list[float], inverted: bool, frame: Frame
+) -> tuple[np.ndarray, str]:
+    """A photo (`image`, its `pixels` (H, W, channels) and `corner` colour) framed as the dataset framed its
+    images (`frame`): trimmed, fitted, sharpened, negated when `inverted`, placed; and what was done."""
+    size = f"{image.width}x{image.height}"
     # Trim: keep the rows and columns holding a pixel farther than the tolerance from the corner colour
     # (RMS over R, G, B, like ImageMagick's -fuzz).
     distance = np.sqrt(((pixels.astype(np.float32) - np.array(corner, np.float32)) ** 2).mean(axis=2))  # (H, W)
@@ -205,7 +214,7 @@ def fit_picture(
     conversion = (
         "inverted, " if inverted else ""
     ) + f"{size} trimmed to {trimmed}, fitted {fitted[0]}x{fitted[1]} ({', '.join(steps)}) in {frame.size}x{frame.size}"
-    return np.array(canvas), inverted, conversion
+    return np.array(canvas), conversion
 
 
 def _placement(gray: Image.Image, frame: Frame) -> tuple[int, int]:
