@@ -39,7 +39,16 @@ from helpers import (
 )
 
 from stages.cli import StageError
-from stages.core.distributed import LOGS, PEER_STOPPED, SINGLE, World, joined, process_device, shard
+from stages.core.distributed import (
+    LOGS,
+    PEER_STOPPED,
+    SINGLE,
+    World,
+    _first_failure,
+    joined,
+    process_device,
+    shard,
+)
 from stages.core.errors import SettingError
 from stages.core.model import architecture_for, init_model
 from stages.core.splits import Meta
@@ -126,6 +135,23 @@ def test_processes_must_be_the_ones_torchrun_started(monkeypatch: pytest.MonkeyP
     assert world_of(params(processes=4)) == World(3, 4, 1, 2)
     with pytest.raises(StageError, match=r"^train\.processes: 2, but 4 processes were started \(WORLD_SIZE\); set "):
         world_of(params(processes=2))
+
+
+def test_the_launcher_names_the_cause_not_the_process_it_stopped(tmp_path: Path) -> None:
+    """A process that lost its peer records its line too: the launcher shows the peer's own failure."""
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    def failure(rank: int, exitcode: int, message: str | None) -> ProcessFailure:
+        error_file = tmp_path / f"{rank}.json"
+        if message is not None:
+            error_file.write_text(json.dumps({"message": message, "timestamp": 0}))
+        return ProcessFailure(local_rank=rank, pid=100 + rank, exitcode=exitcode, error_file=str(error_file))
+
+    lost = f"{PEER_STOPPED} (Connection closed by peer [127.0.0.1]:4242); no model was written: ..."
+    killed = {0: failure(0, 1, lost), 1: failure(1, -signal.SIGKILL, None)}
+    assert _first_failure(killed)[0] == 1
+    refused = {0: failure(0, 1, lost), 1: failure(1, 1, "train.lr: training diverged in epoch 3 ...")}
+    assert _first_failure(refused)[0] == 1
 
 
 # The same through DistributedDataParallel in 2 real gloo processes: an epoch of the cnn (batch norm over the
@@ -438,27 +464,44 @@ def test_two_torchrun_nodes_write_the_bytes_of_two_processes(
 
 
 @pytest.mark.e2e
-def test_a_killed_node_ends_the_other_in_one_line_leaving_nothing_behind(project: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("stop", "cause", "limit"),
+    [
+        ("killed", "Connection closed by peer", PEER_TIMEOUT),  # measured 2.5 to 3.5 s
+        ("frozen", f"Timed out waiting {PEER_TIMEOUT * 1000}ms", 2 * PEER_TIMEOUT),  # measured the timeout and 2 s
+    ],
+)
+def test_a_lost_node_ends_the_other_in_one_line_leaving_nothing_behind(
+    project: Path, tmp_path: Path, stop: str, cause: str, limit: float
+) -> None:
     before = model_files(project)
     set_params(project, **TWO, **{"train.epochs": 300})  # ends long after the kill
     with two_nodes(project, tmp_path) as nodes:
-        started = read_until(nodes[0], "train: epoch 2/300")  # rank 0 is writing the model when node 1 dies
-        started += psutil.Process(nodes[1].pid).children(recursive=True)
-        nodes[1].send_signal(signal.SIGKILL)  # its launcher; its process follows (parent-death signal)
-        killed = time.monotonic()
+        started = read_until(nodes[0], "train: epoch 2/300")  # rank 0 is writing the model when node 1 goes
+        launcher = psutil.Process(nodes[1].pid)
+        node1 = [launcher, *launcher.children(recursive=True)]
+        if stop == "killed":
+            launcher.kill()  # SIGKILL; its process follows (parent-death signal)
+        else:  # SIGSTOP: as a machine gone without closing its connections
+            for process in node1:
+                process.suspend()
+        lost = time.monotonic()
         nodes[0].communicate(timeout=120)
-        elapsed = time.monotonic() - killed
-    assert nodes[0].returncode != 0 and elapsed < PEER_TIMEOUT, elapsed  # measured 2.5 to 3.5 s
-    _, alive = psutil.wait_procs(started, timeout=10)
+        elapsed = time.monotonic() - lost
+        for process in node1:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+    assert nodes[0].returncode != 0 and elapsed < limit, elapsed
+    _, alive = psutil.wait_procs(started + node1, timeout=10)
     assert alive == []
-    assert (tmp_path / "node1.stderr").read_text() == ""  # the killed node prints nothing
+    assert (tmp_path / "node1.stderr").read_text() == ""  # the lost node prints nothing
     survivor = (tmp_path / "node0.stderr").read_text()
     # The process's one line, then torchrun's own report of a failed process (log lines and a
     # ChildFailedError with that line as its cause), which no option of torchrun turns off.
     ours, _, report = survivor.partition("Traceback (most recent call last):\n")
     lines = [line for line in ours.splitlines() if line.strip() and not TORCHRUN_LOG.match(line)]
     lines = [line for line in lines if not line.startswith("train: warning: ")]
-    assert len(lines) == 1 and lines[0].startswith(f"train: error: {PEER_STOPPED} ("), survivor
+    assert len(lines) == 1 and lines[0].startswith(f"train: error: {PEER_STOPPED} ({cause}"), survivor
     assert lines[0].endswith(
         "; no model was written: see that process's own output (its node's), then rerun every process"
     )
