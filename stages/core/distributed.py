@@ -104,7 +104,8 @@ def joined(world: World, device: torch.device, timeout_s: float) -> Iterator[Non
     """Join the process group of `world` (gloo on the CPU, NCCL on CUDA) for the block; nothing for one process.
 
     `timeout_s` bounds the wait for the others, to join and at each exchange afterwards, so that a process
-    that never comes or hangs ends the run instead of holding the others forever.
+    that never comes or hangs ends the run instead of holding the others forever. A peer lost inside the
+    block (its connection closed, or silent for `timeout_s`) is ProcessesFailed too: one line, not a trace.
     """
     if world.size == 1:
         yield
