@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -18,16 +19,36 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
 import torch
 import yaml
-from helpers import dvc, make_tiny_project, project_env, run, set_params, sgd_epoch, stages_run, synthetic_split
+from helpers import (
+    dvc,
+    make_tiny_project,
+    project_env,
+    run,
+    set_params,
+    sgd_epoch,
+    stage_command,
+    stages_run,
+    synthetic_split,
+)
 
 from stages.cli import StageError
-from stages.core.distributed import LOGS, SINGLE, World, joined, process_device, shard
+from stages.core.distributed import (
+    LOGS,
+    PEER_STOPPED,
+    SINGLE,
+    World,
+    _first_failure,
+    joined,
+    process_device,
+    shard,
+)
 from stages.core.errors import SettingError
 from stages.core.model import architecture_for, init_model
 from stages.core.splits import Meta
@@ -114,6 +135,23 @@ def test_processes_must_be_the_ones_torchrun_started(monkeypatch: pytest.MonkeyP
     assert world_of(params(processes=4)) == World(3, 4, 1, 2)
     with pytest.raises(StageError, match=r"^train\.processes: 2, but 4 processes were started \(WORLD_SIZE\); set "):
         world_of(params(processes=2))
+
+
+def test_the_launcher_names_the_cause_not_the_process_it_stopped(tmp_path: Path) -> None:
+    """A process that lost its peer records its line too: the launcher shows the peer's own failure."""
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    def failure(rank: int, exitcode: int, message: str | None) -> ProcessFailure:
+        error_file = tmp_path / f"{rank}.json"
+        if message is not None:
+            error_file.write_text(json.dumps({"message": message, "timestamp": 0}))
+        return ProcessFailure(local_rank=rank, pid=100 + rank, exitcode=exitcode, error_file=str(error_file))
+
+    lost = f"{PEER_STOPPED} (Connection closed by peer [127.0.0.1]:4242); no model was written: ..."
+    killed = {0: failure(0, 1, lost), 1: failure(1, -signal.SIGKILL, None)}
+    assert _first_failure(killed)[0] == 1
+    refused = {0: failure(0, 1, lost), 1: failure(1, 1, "train.lr: training diverged in epoch 3 ...")}
+    assert _first_failure(refused)[0] == 1
 
 
 # The same through DistributedDataParallel in 2 real gloo processes: an epoch of the cnn (batch norm over the
@@ -370,3 +408,103 @@ def test_processes_that_never_meet_end_in_one_line_within_the_timeout(project: P
         "train: error: the 2 training processes did not all meet within 3 s ("
     ), result.stderr
     assert not (tmp_path / "models").exists() and not list(tmp_path.glob(".tmp-*"))
+
+
+# (5) Two nodes on one machine: two torchrun launchers of one process each, started as a team starts them on
+# two machines (docs/sharing.md), each running the train stage's command in the project.
+
+PEER_TIMEOUT = 20  # seconds (--peer-timeout): room for a loaded machine to start the second process
+# The lines torchrun's own logger writes (glog's format): `E1203 13:58:49.757000 9263 torch/distributed/...`
+TORCHRUN_LOG = re.compile(r"^[IWE]\d{4} [\d:.]+ \d+ \S*torch/distributed/")
+
+
+def start_node(project: Path, node: int, port: int, backend: str, stderr: Path) -> subprocess.Popen:
+    """`torchrun` as node `node` of 2, one process, meeting at 127.0.0.1:`port`: stdout read line by line,
+    stderr to a file. The static rendezvous puts rank 0 on node 0; the c10d one numbers the nodes itself."""
+    launcher = ["torchrun", "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", backend]
+    place = ["--node-rank", str(node)] if backend == "static" else []  # c10d ignores it, with a warning
+    stage = stage_command(project, "train")[1:]  # `-m stages.train --data ... --out models ...`: no `python`
+    command = [*launcher, *place, "--rdzv-endpoint", f"127.0.0.1:{port}", *stage, "--peer-timeout", str(PEER_TIMEOUT)]
+    with stderr.open("w") as errors:
+        return subprocess.Popen(
+            command, cwd=project, env=project_env(), stdout=subprocess.PIPE, stderr=errors, text=True,
+            start_new_session=True,
+        )  # fmt: skip
+
+
+@contextlib.contextmanager
+def two_nodes(project: Path, tmp_path: Path, backend: str = "static") -> Iterator[list[subprocess.Popen]]:
+    """Nodes 0 and 1; whichever still runs at the end is killed."""
+    port = free_port()
+    nodes = [start_node(project, node, port, backend, tmp_path / f"node{node}.stderr") for node in (0, 1)]
+    try:
+        yield nodes
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGKILL)
+            node.communicate()
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("backend", ["static", "c10d"])
+def test_two_torchrun_nodes_write_the_bytes_of_two_processes(
+    project: Path, tmp_path: Path, two_processes: TwoProcesses, backend: str
+) -> None:
+    set_params(project, **TWO)
+    with two_nodes(project, tmp_path, backend) as nodes:
+        outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], [(tmp_path / f"node{n}.stderr").read_text() for n in (0, 1)]
+    epochs = sorted(len([line for line in out.splitlines() if line.startswith("train: epoch")]) for out in outputs)
+    assert epochs == [0, EPOCHS]  # rank 0 alone reports (on node 0 under the static rendezvous)
+    if backend == "static":
+        assert "train: epoch" in outputs[0]
+    assert model_files(project) == two_processes.files  # the model, its card and curves: rank 0 wrote them
+    assert not list(project.glob(".tmp-*"))
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(
+    ("stop", "cause", "limit"),
+    [
+        ("killed", "Connection closed by peer", PEER_TIMEOUT),  # measured 2.5 to 3.5 s
+        ("frozen", f"Timed out waiting {PEER_TIMEOUT * 1000}ms", 2 * PEER_TIMEOUT),  # measured the timeout and 2 s
+    ],
+)
+def test_a_lost_node_ends_the_other_in_one_line_leaving_nothing_behind(
+    project: Path, tmp_path: Path, stop: str, cause: str, limit: float
+) -> None:
+    before = model_files(project)
+    set_params(project, **TWO, **{"train.epochs": 300})  # ends long after the kill
+    with two_nodes(project, tmp_path) as nodes:
+        started = read_until(nodes[0], "train: epoch 2/300")  # rank 0 is writing the model when node 1 goes
+        launcher = psutil.Process(nodes[1].pid)
+        node1 = [launcher, *launcher.children(recursive=True)]
+        if stop == "killed":
+            launcher.kill()  # SIGKILL; its process follows (parent-death signal)
+        else:  # SIGSTOP: as a machine gone without closing its connections
+            for process in node1:
+                process.suspend()
+        lost = time.monotonic()
+        nodes[0].communicate(timeout=120)
+        elapsed = time.monotonic() - lost
+        for process in node1:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+    assert nodes[0].returncode != 0 and elapsed < limit, elapsed
+    _, alive = psutil.wait_procs(started + node1, timeout=10)
+    assert alive == []
+    assert (tmp_path / "node1.stderr").read_text() == ""  # the lost node prints nothing
+    survivor = (tmp_path / "node0.stderr").read_text()
+    # The process's one line, then torchrun's own report of a failed process (log lines and a
+    # ChildFailedError with that line as its cause), which no option of torchrun turns off.
+    ours, _, report = survivor.partition("Traceback (most recent call last):\n")
+    lines = [line for line in ours.splitlines() if line.strip() and not TORCHRUN_LOG.match(line)]
+    lines = [line for line in lines if not line.startswith("train: warning: ")]
+    assert len(lines) == 1 and lines[0].startswith(f"train: error: {PEER_STOPPED} ({cause}"), survivor
+    assert lines[0].endswith(
+        "; no model was written: see that process's own output (its node's), then rerun every process"
+    )
+    assert "Traceback" not in report and f"traceback : {lines[0].removeprefix('train: error: ')}\n" in report, survivor
+    assert model_files(project) == before  # the old complete model, and no half-written one beside it
+    assert not list(project.glob(".tmp-*"))

@@ -18,6 +18,7 @@ import ctypes
 import dataclasses
 import logging
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -39,6 +40,9 @@ LOGS = "train-processes"  # the name of `launch`'s temporary folder
 # The elastic agent's loggers: their lines (a process closing, a failure, with a traceback) would follow
 # the stage's own one-line error.
 LAUNCHER_LOGGERS = ("torch.distributed.elastic", "torch.distributed.launcher")
+# How the line of a process that another one's end stopped begins: a consequence, which `launch` shows only
+# when no process recorded a cause (`_first_failure`); under torchrun, on the other nodes, it is their line.
+PEER_STOPPED = "another training process stopped"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +104,8 @@ def joined(world: World, device: torch.device, timeout_s: float) -> Iterator[Non
     """Join the process group of `world` (gloo on the CPU, NCCL on CUDA) for the block; nothing for one process.
 
     `timeout_s` bounds the wait for the others, to join and at each exchange afterwards, so that a process
-    that never comes or hangs ends the run instead of holding the others forever.
+    that never comes or hangs ends the run instead of holding the others forever. A peer lost inside the
+    block (its connection closed, or silent for `timeout_s`) is ProcessesFailed too: one line, not a trace.
     """
     if world.size == 1:
         yield
@@ -115,15 +120,36 @@ def joined(world: World, device: torch.device, timeout_s: float) -> Iterator[Non
             device_id=device if device.type == "cuda" else None,
         )
     except (RuntimeError, TimeoutError, ValueError) as error:  # DistStoreError, DistNetworkError: RuntimeErrors
-        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ProcessesFailed(
-            f"the {world.size} training processes did not all meet within {timeout_s:g} s ({detail}); "
+            f"the {world.size} training processes did not all meet within {timeout_s:g} s ({_first_line(error)}); "
             "every one must be started, with the same rendezvous endpoint"
         ) from None
     try:
         yield
+    except RuntimeError as error:
+        if not _lost_peer(error):
+            raise
+        raise ProcessesFailed(
+            f"{PEER_STOPPED} ({_first_line(error)}); no model was written: see that process's own output "
+            "(its node's), then rerun every process"
+        ) from None
     finally:
         dist.destroy_process_group()
+
+
+def _lost_peer(error: RuntimeError) -> bool:
+    """Whether `error` is the process group's: NCCL's and c10d's errors are DistErrors; gloo's, raised through
+    DDP's hooks in backward, are plain RuntimeErrors whose message begins with the place in gloo's sources
+    (`[.../gloo/transport/tcp/pair.cc:561] Connection closed by peer ...`)."""
+    return isinstance(error, dist.DistError) or re.match(r"\[[^\]]*/gloo/[^\]]*\] ", str(error)) is not None
+
+
+def _first_line(error: Exception) -> str:
+    """The first line of `error`'s message, without the `[file.cpp:123] ` that gloo's and c10d's begin with."""
+    text = str(error).strip()
+    if not text:
+        return type(error).__name__
+    return re.sub(r"^\[[^\]]*\] ", "", text.splitlines()[0]).split(". ")[0]  # gloo adds advice: "GLHF!"
 
 
 def from_rank_zero(value: Any, world: World) -> Any:
@@ -237,7 +263,7 @@ def guard_worker() -> None:
     the command's process group (an OOM killer, or `kill -9` on the pipeline) would leave it running: Linux's
     parent-death signal sends it SIGTERM when its launcher dies.
     """
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    signal.signal(signal.SIGTERM, _exit_once)
     if sys.platform.startswith("linux"):
         # prctl has no Python binding in the standard library; PR_SET_PDEATHSIG (1) is Linux's stable ABI.
         # tests/test_distributed.py kills a launcher with SIGKILL and checks that its processes end.
@@ -246,6 +272,13 @@ def guard_worker() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
         if os.getppid() != parent:  # the launcher died before the signal was armed
             sys.exit(128 + signal.SIGTERM)
+
+
+def _exit_once(signum: int, frame: Any) -> None:
+    # Later SIGTERMs are ignored, so that they cannot interrupt the exit (an atexit callback, with a
+    # traceback): Linux sends the parent-death signal again as each thread of a killed launcher dies.
+    signal.signal(signum, signal.SIG_IGN)
+    sys.exit(128 + signum)
 
 
 def launch(processes: int, argv: list[str]) -> None:
@@ -304,18 +337,19 @@ def _launcher_silenced() -> Iterator[None]:
 
 def _first_failure(failures: dict[int, Any]) -> tuple[int, Any]:
     """The failure that caused the others: a process's own error line first (it ran into a user error);
-    then one killed by a signal other than the agent's SIGTERM; then the earliest crash it recorded."""
+    then one killed by a signal other than the agent's SIGTERM; then the earliest crash it recorded; then a
+    process that another one's end stopped (PEER_STOPPED)."""
 
     def cause(item: tuple[int, Any]) -> tuple[int, float, int]:
         rank, failure = item
         message = _recorded(failure)
         if isinstance(message, str):
-            return 0, 0.0, rank
+            return (3 if message.startswith(PEER_STOPPED) else 0), 0.0, rank
         if failure.exitcode < 0 and failure.exitcode != -signal.SIGTERM:
             return 1, failure.timestamp, rank
         if isinstance(message, dict):
             return 2, float(message.get("extraInfo", {}).get("time", failure.timestamp)), rank
-        return 3, failure.timestamp, rank
+        return 4, failure.timestamp, rank
 
     return min(failures.items(), key=cause)
 
