@@ -19,6 +19,7 @@ from stages.cli import StageError, argument_parser, explained, memory_set_by, nu
 from stages.core.artifacts import atomic_directory, copy_folder, named_as
 from stages.core.curves import write_curves
 from stages.core.distributed import (
+    ONE_NODE,
     SINGLE,
     Nodes,
     World,
@@ -26,7 +27,6 @@ from stages.core.distributed import (
     guard_worker,
     joined,
     launch,
-    nodes_for,
     process_device,
     world_from_environment,
 )
@@ -68,9 +68,7 @@ class TrainParams(Params, TrainConfig):
 def main() -> None:
     args = arguments()
     params = load_section(args.params, "train", TrainParams)
-    world = world_of(params)
-    with explained():
-        nodes = nodes_for(args.nodes, args.node_rank, args.rendezvous, params.processes)
+    world, nodes = world_of(params), nodes_of(args.nodes, args.node_rank, args.rendezvous, params.processes)
     device = place(params, world, nodes)
     threads = threads_here(params, world, nodes)
     if world is None and params.processes > 1:
@@ -168,6 +166,29 @@ def world_of(params: TrainParams) -> World | None:
             f"train.processes: {world.size}, the processes on all machines together"
         )
     return world
+
+
+def nodes_of(count: int, rank: int, rendezvous: str | None, processes: int) -> Nodes:
+    """The machines of this run (--nodes, --node-rank, --rendezvous), checked against train.processes, all
+    their processes together, which they share evenly."""
+    if count < 1:
+        raise StageError(f"--nodes {count}: must be >= 1 (1 = this machine alone)")
+    if count == 1:
+        return ONE_NODE
+    if not 0 <= rank < count:
+        raise StageError(f"--node-rank {rank}: must be 0 .. {count - 1} (--nodes {count}); node 0 writes")
+    host, _, port = (rendezvous or "").rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise StageError(
+            f"--rendezvous {rendezvous or '(none)'}: --nodes {count} needs HOST:PORT, where node 0 listens "
+            "and the others connect (the same on every node)"
+        )
+    if processes % count:
+        raise StageError(
+            f"train.processes: {processes} processes cannot be shared evenly by --nodes {count}; set "
+            f"train.processes to a multiple of {count}, the processes on all nodes together"
+        )
+    return Nodes(count, rank, rendezvous)
 
 
 def place(params: TrainParams, world: World | None, nodes: Nodes) -> torch.device:

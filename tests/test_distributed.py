@@ -47,7 +47,6 @@ from stages.core.distributed import (
     World,
     _first_failure,
     joined,
-    nodes_for,
     process_device,
     shard,
 )
@@ -56,7 +55,7 @@ from stages.core.model import architecture_for, init_model
 from stages.core.splits import Meta
 from stages.core.training import EpochLog, batch_loss, fit
 from stages.params import parse_section
-from stages.train import TrainParams, place, world_of
+from stages.train import TrainParams, nodes_of, place, world_of
 
 META = Meta(dataset="digits", classes=tuple("0123456789"), image_shape=(28, 28), sizes={"train": 1}, mean=0.25, std=0.5)
 TWO = {"train.processes": 2, "train.threads": 1}  # two processes on a 2-core machine: a thread each
@@ -537,7 +536,7 @@ def test_a_node_whose_peer_never_comes_ends_in_one_line_within_the_timeout(
     assert time.monotonic() - start < 60
     line = one_line_error(result, f"train: error: the 2 nodes did not meet at {rendezvous} within 3 s (")
     assert line.endswith(
-        "); start every node with the same --nodes and --rendezvous, node 0's address and a free port there"
+        "); start every node, each with the same number of nodes and rendezvous: node 0's address and a free port there"
     )
     assert not list(project.glob(".tmp-*"))
 
@@ -553,13 +552,13 @@ def test_a_node_whose_peer_never_comes_ends_in_one_line_within_the_timeout(
     ],
 )
 def test_the_nodes_are_checked_before_anything_starts(options: tuple, message: str) -> None:
-    with pytest.raises(SettingError, match=rf"^{message}"):
-        nodes_for(*options)
+    with pytest.raises(StageError, match=rf"^{message}"):
+        nodes_of(*options)
 
 
 def test_the_nodes_share_the_processes() -> None:
-    assert nodes_for(1, 5, None, 3) == Nodes()  # one node: this machine, as without the options
-    assert nodes_for(2, 1, "node0.example:29400", 4) == Nodes(2, 1, "node0.example:29400")
+    assert nodes_of(1, 5, None, 3) == Nodes()  # one node: this machine, as without the options
+    assert nodes_of(2, 1, "node0.example:29400", 4) == Nodes(2, 1, "node0.example:29400")
     cuda = torch.device("cuda")
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(torch.cuda, "device_count", lambda: 2)

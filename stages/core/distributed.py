@@ -72,29 +72,6 @@ class Nodes:
 ONE_NODE = Nodes()
 
 
-def nodes_for(count: int, rank: int, rendezvous: str | None, processes: int) -> Nodes:
-    """The nodes as the command line gives them (--nodes, --node-rank, --rendezvous), checked against
-    `processes`, the processes on all of them together (train.processes), which they share evenly."""
-    if count < 1:
-        raise SettingError(f"--nodes {count}: must be >= 1 (1 = this machine alone)")
-    if count == 1:
-        return ONE_NODE
-    if not 0 <= rank < count:
-        raise SettingError(f"--node-rank {rank}: must be 0 .. {count - 1} (--nodes {count}); node 0 writes")
-    host, _, port = (rendezvous or "").rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise SettingError(
-            f"--rendezvous {rendezvous or '(none)'}: --nodes {count} needs HOST:PORT, where node 0 listens "
-            "and the others connect (the same on every node)"
-        )
-    if processes % count:
-        raise SettingError(
-            f"train.processes: {processes} processes cannot be shared evenly by --nodes {count}; set "
-            f"train.processes to a multiple of {count}, the processes on all nodes together"
-        )
-    return Nodes(count, rank, rendezvous)
-
-
 class ProcessesFailed(CoreError):
     """A training process failed, or the processes did not all meet; the message is one line."""
 
@@ -343,7 +320,7 @@ def launch(processes: int, argv: list[str], nodes: Nodes = ONE_NODE, timeout_s: 
             # Every node's agent keys its entries in node 0's store by the run id: the same on all nodes.
             configs = {"rank": nodes.rank, "timeout": math.ceil(timeout_s)}
             meeting = {"rdzv_backend": "static", "rdzv_endpoint": nodes.rendezvous, "rdzv_configs": configs}
-            run_id = LOGS
+            run_id = "train"
         config = LaunchConfig(
             min_nodes=nodes.count,
             max_nodes=nodes.count,
@@ -370,8 +347,8 @@ def launch(processes: int, argv: list[str], nodes: Nodes = ONE_NODE, timeout_s: 
                 raise
             raise ProcessesFailed(
                 f"the {nodes.count} nodes did not meet at {nodes.rendezvous} within {timeout_s:g} s "
-                f"({_first_line(error)}); start every node with the same --nodes and --rendezvous, node 0's "
-                "address and a free port there"
+                f"({_first_line(error)}); start every node, each with the same number of nodes and rendezvous: "
+                "node 0's address and a free port there"
             ) from None
 
 
