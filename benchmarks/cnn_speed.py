@@ -121,7 +121,7 @@ def project(threads: int, device: str, precision: str) -> dict:
 
     from stages.core.metrics import predict, score
     from stages.core.model import architecture_for, init_model
-    from stages.core.runtime import make_deterministic, set_cpu_threads
+    from stages.core.runtime import make_deterministic, resolve_threads, set_cpu_threads
     from stages.core.splits import load_split, read_meta
     from stages.core.training import fit
     from stages.params import parse_section, read_params_file
@@ -132,7 +132,7 @@ def project(threads: int, device: str, precision: str) -> dict:
     recipe = RECIPES["cnn"][0]  # the README's one-liner
     params = parse_section("train", read_params_file(Path("params.yaml"))["train"] | recipe | run, TrainParams)
     make_deterministic(params.tf32)
-    set_cpu_threads(params.threads)
+    set_cpu_threads(resolve_threads(params.threads))
     on = torch.device(device)
     meta = read_meta(PROCESSED)
     train_set, val_set = load_split(PROCESSED, "train", on), load_split(PROCESSED, "val", on)

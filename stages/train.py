@@ -19,7 +19,9 @@ from stages.cli import StageError, argument_parser, explained, memory_set_by, nu
 from stages.core.artifacts import atomic_directory, copy_folder, named_as
 from stages.core.curves import write_curves
 from stages.core.distributed import (
+    ONE_NODE,
     SINGLE,
+    Nodes,
     World,
     from_rank_zero,
     guard_worker,
@@ -66,12 +68,12 @@ class TrainParams(Params, TrainConfig):
 def main() -> None:
     args = arguments()
     params = load_section(args.params, "train", TrainParams)
-    world = world_of(params)
-    device = place(params, world)
-    threads = threads_here(params, world)
+    world, nodes = world_of(params), nodes_of(args.nodes, args.node_rank, args.rendezvous, params.processes)
+    device = place(params, world, nodes)
+    threads = threads_here(params, world, nodes)
     if world is None and params.processes > 1:
         read_meta(args.data)  # a missing input is one line from here, before any process starts
-        launch(params.processes, ["-m", "stages.train", *sys.argv[1:]])
+        launch(params.processes, ["-m", "stages.train", *sys.argv[1:]], nodes, args.peer_timeout)
         return
     world = world or SINGLE  # decided here, once: the loop below only wraps the model and shards each batch
     if world.size > 1:
@@ -147,6 +149,11 @@ def arguments() -> argparse.Namespace:
         help="with train.processes > 1: seconds a process waits for the others, to meet and at each exchange, "
         "before the run fails (default: 300)",
     )
+    # Where the processes run is a deployment, not the recipe: the card and the bytes are train.processes'.
+    nodes = parser.add_argument_group("several machines (nodes): train.processes counts all their processes")
+    nodes.add_argument("--nodes", type=int, default=1, help="machines that train together (default: 1, this one)")
+    nodes.add_argument("--node-rank", type=int, default=0, help="this machine's number, 0 .. nodes - 1 (default: 0)")
+    nodes.add_argument("--rendezvous", metavar="HOST:PORT", help="node 0's address and a free port there")
     return parser.parse_args()
 
 
@@ -161,12 +168,35 @@ def world_of(params: TrainParams) -> World | None:
     return world
 
 
-def place(params: TrainParams, world: World | None) -> torch.device:
+def nodes_of(count: int, rank: int, rendezvous: str | None, processes: int) -> Nodes:
+    """The machines of this run (--nodes, --node-rank, --rendezvous), checked against train.processes, all
+    their processes together, which they share evenly."""
+    if count < 1:
+        raise StageError(f"--nodes {count}: must be >= 1 (1 = this machine alone)")
+    if count == 1:
+        return ONE_NODE
+    if not 0 <= rank < count:
+        raise StageError(f"--node-rank {rank}: must be 0 .. {count - 1} (--nodes {count}); node 0 writes")
+    host, _, port = (rendezvous or "").rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise StageError(
+            f"--rendezvous {rendezvous or '(none)'}: --nodes {count} needs HOST:PORT, where node 0 listens "
+            "and the others connect (the same on every node)"
+        )
+    if processes % count:
+        raise StageError(
+            f"train.processes: {processes} processes cannot be shared evenly by --nodes {count}; set "
+            f"train.processes to a multiple of {count}, the processes on all nodes together"
+        )
+    return Nodes(count, rank, rendezvous)
+
+
+def place(params: TrainParams, world: World | None, nodes: Nodes) -> torch.device:
     """This process's device (one GPU each when several processes train on CUDA), its precision checked."""
     with explained("train.device"):
         device = resolve_device(params.device)
     with explained("train.processes", fix="lower train.processes, or change train.device"):
-        device = process_device(device, params.processes, world)
+        device = process_device(device, params.processes, world, nodes.count)
     with explained("train.precision"):
         autocast_for(device, params.precision)
     return device
@@ -189,10 +219,10 @@ def open_checkpoint(
     return checkpoint, resume
 
 
-def threads_here(params: TrainParams, world: World | None) -> int:
+def threads_here(params: TrainParams, world: World | None, nodes: Nodes) -> int:
     """The CPU threads of each process on this machine; the first process here warns when they outnumber
     its cores."""
-    local_processes = world.local_size if world else params.processes
+    local_processes = world.local_size if world else params.processes // nodes.count
     threads = resolve_threads(params.threads, local_processes)
     if world is None or world.local_rank == 0:
         warn_if_oversubscribed(threads, local_processes)

@@ -75,9 +75,10 @@ def origin(remote: LocalRemote | S3Remote, tmp_path_factory: pytest.TempPathFact
 
 
 def marker_for(argv: list[str]) -> str | None:
-    """The marker a test needs to start `argv`: e2e for `dvc` and `python -m stages...`, server for `weed`."""
+    """The marker a test needs to start `argv`: e2e for `dvc`, `torchrun` and `python -m stages...`, server for
+    `weed`."""
     program = Path(argv[0]).name if argv else ""
-    if program == "dvc" or (argv[1:2] == ["-m"] and argv[2:3] and argv[2].partition(".")[0] == "stages"):
+    if program in ("dvc", "torchrun") or (argv[1:2] == ["-m"] and argv[2:3] and argv[2].partition(".")[0] == "stages"):
         return "e2e"
     if program == "weed":
         return "server"

@@ -18,22 +18,44 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
 import torch
 import yaml
-from helpers import dvc, make_tiny_project, project_env, run, set_params, sgd_epoch, stages_run, synthetic_split
+from helpers import (
+    dvc,
+    make_tiny_project,
+    one_line_error,
+    project_env,
+    run,
+    set_params,
+    sgd_epoch,
+    stage_command,
+    stages_run,
+    synthetic_split,
+)
 
 from stages.cli import StageError
-from stages.core.distributed import LOGS, SINGLE, World, joined, process_device, shard
+from stages.core.distributed import (
+    LOGS,
+    PEER_STOPPED,
+    SINGLE,
+    Nodes,
+    World,
+    _first_failure,
+    joined,
+    process_device,
+    shard,
+)
 from stages.core.errors import SettingError
 from stages.core.model import architecture_for, init_model
 from stages.core.splits import Meta
 from stages.core.training import EpochLog, batch_loss, fit
 from stages.params import parse_section
-from stages.train import TrainParams, place, world_of
+from stages.train import TrainParams, nodes_of, place, world_of
 
 META = Meta(dataset="digits", classes=tuple("0123456789"), image_shape=(28, 28), sizes={"train": 1}, mean=0.25, std=0.5)
 TWO = {"train.processes": 2, "train.threads": 1}  # two processes on a 2-core machine: a thread each
@@ -103,7 +125,7 @@ def test_processes_need_a_device_they_can_share(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     message = "train.processes: 4 processes here need 4 GPUs, this machine has 2; lower train.processes, or change"
     with pytest.raises(StageError, match=rf"^{message} train\.device$"):
-        place(params(processes=4, device="cuda"), None)
+        place(params(processes=4, device="cuda"), None, Nodes())
 
 
 def test_processes_must_be_the_ones_torchrun_started(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -114,6 +136,23 @@ def test_processes_must_be_the_ones_torchrun_started(monkeypatch: pytest.MonkeyP
     assert world_of(params(processes=4)) == World(3, 4, 1, 2)
     with pytest.raises(StageError, match=r"^train\.processes: 2, but 4 processes were started \(WORLD_SIZE\); set "):
         world_of(params(processes=2))
+
+
+def test_the_launcher_names_the_cause_not_the_process_it_stopped(tmp_path: Path) -> None:
+    """A process that lost its peer records its line too: the launcher shows the peer's own failure."""
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    def failure(rank: int, exitcode: int, message: str | None) -> ProcessFailure:
+        error_file = tmp_path / f"{rank}.json"
+        if message is not None:
+            error_file.write_text(json.dumps({"message": message, "timestamp": 0}))
+        return ProcessFailure(local_rank=rank, pid=100 + rank, exitcode=exitcode, error_file=str(error_file))
+
+    lost = f"{PEER_STOPPED} (Connection closed by peer [127.0.0.1]:4242); no model was written: ..."
+    killed = {0: failure(0, 1, lost), 1: failure(1, -signal.SIGKILL, None)}
+    assert _first_failure(killed)[0] == 1
+    refused = {0: failure(0, 1, lost), 1: failure(1, 1, "train.lr: training diverged in epoch 3 ...")}
+    assert _first_failure(refused)[0] == 1
 
 
 # The same through DistributedDataParallel in 2 real gloo processes: an epoch of the cnn (batch norm over the
@@ -370,3 +409,159 @@ def test_processes_that_never_meet_end_in_one_line_within_the_timeout(project: P
         "train: error: the 2 training processes did not all meet within 3 s ("
     ), result.stderr
     assert not (tmp_path / "models").exists() and not list(tmp_path.glob(".tmp-*"))
+
+
+# (5) Two nodes on one machine: two launchers of one process each, started as a team starts them on two
+# machines (docs/sharing.md), each running the train stage's command in the project: the stage's own
+# (`--nodes 2 --node-rank K --rendezvous HOST:PORT`), and torchrun.
+
+PEER_TIMEOUT = 20  # seconds (--peer-timeout): room for a loaded machine to start the second process
+
+
+def start_node(project: Path, node: int, port: int, stderr: Path, torchrun: bool = False) -> subprocess.Popen:
+    """Node `node` of 2, one process, meeting at 127.0.0.1:`port`: stdout read line by line, stderr to a file.
+    The stage's launcher puts rank 0 on node 0; torchrun's c10d rendezvous numbers the nodes itself."""
+    stage = [*stage_command(project, "train"), "--peer-timeout", str(PEER_TIMEOUT)]  # `python -m stages.train ...`
+    if torchrun:
+        launcher = ["torchrun", "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d"]
+        command = [*launcher, "--rdzv-endpoint", f"127.0.0.1:{port}", *stage[1:]]  # torchrun runs python itself
+    else:
+        command = [*stage, "--nodes", "2", "--node-rank", str(node), "--rendezvous", f"127.0.0.1:{port}"]
+    with stderr.open("w") as errors:
+        return subprocess.Popen(
+            command, cwd=project, env=project_env(), stdout=subprocess.PIPE, stderr=errors, text=True,
+            start_new_session=True,
+        )  # fmt: skip
+
+
+@contextlib.contextmanager
+def two_nodes(project: Path, tmp_path: Path, torchrun: bool = False) -> Iterator[list[subprocess.Popen]]:
+    """Nodes 0 and 1; whichever still runs at the end is killed."""
+    port = free_port()
+    nodes = [start_node(project, node, port, tmp_path / f"node{node}.stderr", torchrun) for node in (0, 1)]
+    try:
+        yield nodes
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGKILL)
+            node.communicate()
+
+
+def errors(stderr: Path) -> list[str]:
+    """The lines of a node's stderr, but for warnings (a machine with fewer cores)."""
+    return [
+        line for line in stderr.read_text().splitlines() if line.strip() and not line.startswith("train: warning: ")
+    ]
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("launcher", ["stage", "torchrun"])
+def test_two_nodes_write_the_bytes_of_two_processes(
+    project: Path, tmp_path: Path, two_processes: TwoProcesses, launcher: str
+) -> None:
+    set_params(project, **TWO)
+    with two_nodes(project, tmp_path, torchrun=launcher == "torchrun") as nodes:
+        outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], [(tmp_path / f"node{n}.stderr").read_text() for n in (0, 1)]
+    epochs = [len([line for line in out.splitlines() if line.startswith("train: epoch")]) for out in outputs]
+    if launcher == "stage":
+        assert epochs == [EPOCHS, 0]  # rank 0, on node 0, alone reports
+        assert errors(tmp_path / "node0.stderr") == errors(tmp_path / "node1.stderr") == []
+    else:
+        assert sorted(epochs) == [0, EPOCHS]  # c10d puts rank 0 on either node
+    assert model_files(project) == two_processes.files  # the model, its card and curves: rank 0 wrote them
+    assert not list(project.glob(".tmp-*"))
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(
+    ("stop", "lost", "cause", "limit"),
+    [
+        ("killed", 1, "Connection closed by peer", PEER_TIMEOUT),  # measured 5.6 s on 2 busy cores
+        ("killed", 0, "Connection closed by peer", PEER_TIMEOUT),  # node 0 held the rendezvous too; 6.4 s
+        ("frozen", 1, f"Timed out waiting {PEER_TIMEOUT * 1000}ms", 2 * PEER_TIMEOUT),  # measured the timeout and 2 s
+    ],
+    ids=["node1-killed", "node0-killed", "node1-frozen"],
+)
+def test_a_lost_node_ends_the_other_in_one_line_leaving_nothing_behind(
+    project: Path, tmp_path: Path, stop: str, lost: int, cause: str, limit: float
+) -> None:
+    before = model_files(project)
+    set_params(project, **TWO, **{"train.epochs": 300})  # ends long after the kill
+    with two_nodes(project, tmp_path) as nodes:
+        started = read_until(nodes[0], "train: epoch 2/300")  # rank 0 is writing the model when a node goes
+        started += psutil.Process(nodes[1].pid).children(recursive=True)
+        launcher = psutil.Process(nodes[lost].pid)
+        gone = [launcher, *launcher.children(recursive=True)]
+        if stop == "killed":
+            launcher.kill()  # SIGKILL; its process follows (parent-death signal)
+        else:  # SIGSTOP: as a machine gone without closing its connections
+            for process in gone:
+                process.suspend()
+        stopped = time.monotonic()
+        survivor = nodes[1 - lost]
+        survivor.communicate(timeout=120)
+        elapsed = time.monotonic() - stopped
+        for process in gone:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+    assert survivor.returncode == 1 and elapsed < limit, (survivor.returncode, elapsed)
+    _, alive = psutil.wait_procs(started + gone, timeout=10)
+    assert alive == []
+    assert (tmp_path / f"node{lost}.stderr").read_text() == ""  # the lost node prints nothing
+    # The surviving launcher's stderr: its process's one line, shown as the launcher's own; nothing from
+    # torch's elastic agent (log lines, a ChildFailedError traceback), as torchrun would add.
+    lines = errors(tmp_path / f"node{1 - lost}.stderr")
+    assert len(lines) == 1 and lines[0].startswith(f"train: error: {PEER_STOPPED} ({cause}"), lines
+    assert lines[0].endswith(
+        "; no model was written: see that process's own output (its node's), then rerun every process"
+    )
+    assert model_files(project) == before  # the old complete model, and no half-written one beside it
+    assert not list(project.glob(".tmp-*"))
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("node", [0, 1])  # node 0 waits for the other at its rendezvous; node 1 for node 0's
+def test_a_node_whose_peer_never_comes_ends_in_one_line_within_the_timeout(
+    project: Path, tmp_path: Path, node: int
+) -> None:
+    set_params(project, **TWO)
+    rendezvous = f"127.0.0.1:{free_port()}"
+    command = [*stage_command(project, "train"), "--nodes", "2", "--node-rank", str(node), "--rendezvous", rendezvous]
+    start = time.monotonic()
+    result = subprocess.run(
+        [*command, "--peer-timeout", "3"], cwd=project, env=project_env(), capture_output=True, text=True, timeout=120
+    )
+    assert time.monotonic() - start < 60
+    line = one_line_error(result, f"train: error: the 2 nodes did not meet at {rendezvous} within 3 s (")
+    assert line.endswith(
+        "); start every node, each with the same number of nodes and rendezvous: node 0's address and a free port there"
+    )
+    assert not list(project.glob(".tmp-*"))
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ((0, 0, None, 2), r"--nodes 0: must be >= 1 \(1 = this machine alone\)"),
+        ((2, 2, "127.0.0.1:29400", 2), r"--node-rank 2: must be 0 \.\. 1 \(--nodes 2\); node 0 writes"),
+        ((2, 0, None, 2), r"--rendezvous \(none\): --nodes 2 needs HOST:PORT, where node 0 listens and the others"),
+        ((2, 0, "node0.example", 2), r"--rendezvous node0\.example: --nodes 2 needs HOST:PORT"),
+        ((2, 1, "127.0.0.1:29400", 3), r"train\.processes: 3 processes cannot be shared evenly by --nodes 2; set "),
+    ],
+)
+def test_the_nodes_are_checked_before_anything_starts(options: tuple, message: str) -> None:
+    with pytest.raises(StageError, match=rf"^{message}"):
+        nodes_of(*options)
+
+
+def test_the_nodes_share_the_processes() -> None:
+    assert nodes_of(1, 5, None, 3) == Nodes()  # one node: this machine, as without the options
+    assert nodes_of(2, 1, "node0.example:29400", 4) == Nodes(2, 1, "node0.example:29400")
+    cuda = torch.device("cuda")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.cuda, "device_count", lambda: 2)
+        assert process_device(cuda, 4, None, nodes=2) == torch.device("cuda:0")  # 2 of the 4 on this machine
+        with pytest.raises(SettingError, match=r"^4 processes here need 4 GPUs"):
+            process_device(cuda, 4, None)

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from helpers import DEBIAN_MIRROR, NEEDS_REAL_DATA, PROJECT, dvc, project_env, run, set_params, stages_run
 from PIL import Image
 
@@ -197,34 +196,32 @@ def test_exp_run_trains_and_evaluates_on_a_folder(
     assert row["class"] in card["classes"] and "(antialias)" in row["conversion"]  # the card's frame, not Fashion's
 
 
-def watch(project: Path, folder: Path) -> None:
-    """The one line docs/own-images.md tells a user to add: the folder among the download stage's deps."""
-    dvc_yaml = project / "dvc.yaml"
-    pipeline = yaml.safe_load(dvc_yaml.read_text())
-    pipeline["stages"]["download"]["deps"].append(str(folder))
-    dvc_yaml.write_text(yaml.safe_dump(pipeline, sort_keys=False))
-    run(project, "git", "commit", "-qam", "watch the pictures")
-
-
 @pytest.mark.e2e
 def test_a_changed_picture_reruns_acquisition_and_what_its_data_changes(
-    tiny_project: Path, pictures: tuple[Path, dict[str, np.ndarray]], tmp_path: Path
+    tiny_project: Path, pictures: tuple[Path, dict[str, np.ndarray]]
 ) -> None:
-    """With the folder among download's deps: an unchanged folder reruns nothing; a picture saved again with
-    the same pixels reruns download and preprocess (the manifest lists its bytes), whose data is unchanged,
-    so nothing after; a picture that changed reruns every stage after acquisition."""
-    root = tmp_path / "outside the project"
+    """A folder under pictures/ (dvc.yaml's dep of download), versioned with `dvc add`, and dvc.yaml as it
+    is: an unchanged folder reruns nothing; a picture saved again with the same pixels reruns download and
+    preprocess (the manifest lists its bytes), whose data is unchanged, so nothing after; a picture that
+    changed reruns every stage after acquisition."""
+    root = tiny_project / "pictures" / "shoes"
     shutil.copytree(pictures[0], root)
-    watch(tiny_project, root)
-    assert stages_run(dvc(tiny_project, "exp", "run", "-S", f"data.dataset={root}")) == ALL_STAGES
-    assert stages_run(dvc(tiny_project, "exp", "run", "-S", f"data.dataset={root}")) == []
+    dvc(tiny_project, "add", "pictures/shoes")
+    run(tiny_project, "git", "add", "pictures")
+    run(tiny_project, "git", "commit", "-qm", "my pictures")
+    exp_run = ("exp", "run", "-S", "data.dataset=pictures/shoes")
+    assert stages_run(dvc(tiny_project, *exp_run)) == ALL_STAGES
+    assert stages_run(dvc(tiny_project, *exp_run)) == []
 
     first = sorted((root / "train" / "Bag").iterdir())[0]
     Image.open(first).save(first, compress_level=1)  # other bytes, the same pixels
-    assert stages_run(dvc(tiny_project, "exp", "run", "-S", f"data.dataset={root}")) == ["download", "preprocess"]
+    assert stages_run(dvc(tiny_project, "exp", "run", "-S", "data.dataset=pictures/shoes")) == [
+        "download",
+        "preprocess",
+    ]
 
     Image.fromarray(np.asarray(Image.open(first))[::-1]).save(first)  # the same bag, upside down
-    assert stages_run(dvc(tiny_project, "exp", "run", "-S", f"data.dataset={root}")) == ALL_STAGES
+    assert stages_run(dvc(tiny_project, *exp_run)) == ALL_STAGES
 
 
 @pytest.mark.e2e

@@ -15,8 +15,9 @@ from pydantic import ValidationError
 from torch import nn
 
 from stages.cli import StageError
-from stages.core.contract import Architecture
+from stages.core.contract import PREDICT_BATCH, Architecture
 from stages.core.curves import write_curves
+from stages.core.metrics import predict
 from stages.core.model import Card, Conv3x3, ConvNet, architecture_for, build_model, init_model, load_model, save_model
 from stages.core.resume import STATE, Checkpoint, input_key
 from stages.core.runtime import make_deterministic
@@ -86,6 +87,17 @@ def test_cnn_normalises_inside_and_matches_a_functional_forward() -> None:
     hidden = F.relu(x.flatten(1) @ first.weight.double().T + first.bias.double())  # (5, 8 * 7 * 7) -> (5, 16)
     expected = hidden @ second.weight.double().T + second.bias.double()
     torch.testing.assert_close(model(images).double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_the_cnn_predicts_in_passes_of_its_own_size() -> None:
+    """A cnn's activations per image are many times a linear model's: `predict` (validation in `fit`, the
+    benchmarks' test passes) runs it on ConvNet.predict_batch images at a time, which bounds its peak memory."""
+    model = build_model(architecture_for("cnn", (16,), META, (4, 8)))
+    passes: list[int] = []
+    model.register_forward_pre_hook(lambda module, inputs: passes.append(len(inputs[0])))
+    predict(model, torch.randint(0, 256, (ConvNet.predict_batch + 5, 28, 28), dtype=torch.uint8))
+    assert passes == [ConvNet.predict_batch, 5]
+    assert ConvNet.predict_batch < PREDICT_BATCH  # the linear models' passes, the logreg's bytes, are unchanged
 
 
 def test_conv3x3_computes_and_differentiates_as_conv2d() -> None:

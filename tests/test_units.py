@@ -17,7 +17,16 @@ from threadpoolctl import threadpool_info
 from stages.core import products
 from stages.core.errors import SettingError
 from stages.core.metrics import calibration, confusion_matrix, per_class_scores, predict, score
-from stages.core.model import Card, Classifier, Linear, architecture_for, linear, load_model, save_model
+from stages.core.model import (
+    Card,
+    Classifier,
+    Linear,
+    architecture_for,
+    linear,
+    load_model,
+    normalised_linear,
+    save_model,
+)
 from stages.core.runtime import autocast_for, available_cores, resolve_device, resolve_threads, set_cpu_threads
 from stages.core.splits import Meta, pixel_statistics, split_train_val
 from stages.core.training import EpochLog, epoch_order, fit, make_optimizer, make_schedule
@@ -103,6 +112,23 @@ def test_the_pinned_linear_matches_torch_autograd(dtype: torch.dtype) -> None:
     tolerance = {"rtol": 1e-10, "atol": 1e-10} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-3}
     for got, want in zip([out, *(t.grad for t in ours)], [expected, *(t.grad for t in theirs)], strict=True):
         torch.testing.assert_close(got, want, **tolerance)
+
+
+def test_the_fused_first_layer_is_the_bytes_of_autograds_chain() -> None:
+    """normalised_linear's one autograd node against autograd over the same ops one by one: the same
+    logits, weight and bias gradients, to the bit (so the trained model's bytes do not change)."""
+    generator = torch.Generator().manual_seed(5)
+    pixels = torch.randint(0, 256, (300, 40), generator=generator).float()
+    weight, bias = torch.randn(7, 40, generator=generator), torch.randn(7, generator=generator)
+    scale, shift = torch.tensor(1 / (255 * 0.3)), torch.tensor(-0.2 / 0.3)
+    grad = torch.randn(300, 7, generator=generator)
+    fused, chain = [(weight.clone().requires_grad_(), bias.clone().requires_grad_()) for _ in range(2)]
+    out = normalised_linear(pixels, *fused, scale, shift)
+    expected = linear(pixels, chain[0]) * scale + (chain[1] + shift * chain[0].sum(1))
+    out.backward(grad)
+    expected.backward(grad)
+    assert torch.equal(out, expected)
+    assert torch.equal(fused[0].grad, chain[0].grad) and torch.equal(fused[1].grad, chain[1].grad)
 
 
 def test_the_pinned_products_are_the_same_bytes_at_any_thread_count() -> None:

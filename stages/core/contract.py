@@ -18,7 +18,8 @@ from stages.core.artifacts import read_checked, write_json
 from stages.core.errors import damaged
 from stages.core.files import CARD
 
-# Images per forward pass when only predicting: memory only, never the logits' values.
+# Images per forward pass when only predicting (a cnn's: ConvNet.predict_batch): memory and speed; the
+# logits change only in their last bits (stages/core/products.py cuts each product into tasks by its shape).
 PREDICT_BATCH = 8192
 
 

@@ -20,8 +20,10 @@ class Scores:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, images: torch.Tensor, batch_size: int = PREDICT_BATCH) -> torch.Tensor:
-    """Logits (N, classes) in float32 for all `images`, `batch_size` at a time."""
+def predict(model: nn.Module, images: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+    """Logits (N, classes) in float32 for all `images`, `batch_size` at a time (by default the model's
+    `predict_batch`, or PREDICT_BATCH)."""
+    batch_size = batch_size or getattr(model, "predict_batch", PREDICT_BATCH)
     model.eval()
     return torch.cat([model(batch).float() for batch in images.split(batch_size)])
 

@@ -57,6 +57,47 @@ def linear(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return PinnedLinear.apply(inputs, weight, bias)
 
 
+class NormalisedLinear(torch.autograd.Function):
+    """`normalised_linear` on the CPU as one autograd node: the products through stages.core.products, and
+    both gradients in one backward.
+
+    Autograd's chain of the same ops (a sum, four elementwise ops, the product) costs more in per-op
+    dispatch than a logreg's step costs in arithmetic. Each op here is the one autograd runs (torch's own
+    reductions, elementwise ops in float32), on the same operands, so the bytes are the chain's.
+    """
+
+    @staticmethod
+    def forward(
+        ctx, pixels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor
+    ) -> torch.Tensor:
+        ctx.save_for_backward(pixels, scale, shift)
+        folded = bias + shift * weight.sum(1)  # (N,)
+        out = products.matmul(pixels.numpy(), weight.detach().numpy().T)  # (M, K) @ (K, N)
+        out *= scale.numpy()
+        out += folded.detach().numpy()
+        return torch.from_numpy(out)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        pixels, scale, shift = ctx.saved_tensors
+        grad_bias = grad.sum(0)  # (N,): what autograd's broadcasting add reduces to, by the same torch sum
+        grad_product = grad.numpy() * scale.numpy()  # (M, N)
+        grad_weight = products.matmul_over_rows(grad_product, pixels.numpy())  # (N, K)
+        grad_weight += (grad_bias * shift).numpy()[:, None]  # the bias's share, through shift * W 1
+        return None, torch.from_numpy(grad_weight), grad_bias, None, None
+
+
+def normalised_linear(
+    pixels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor
+) -> torch.Tensor:
+    """W (pixels * scale + shift) + b for pixels (M, K) in 0..255, computed as (W pixels) * scale +
+    (b + shift * W 1): the same function of the same parameters (so the same training), without an
+    elementwise pass over every pixel of the batch. Pinned on the CPU as `linear` is."""
+    if pixels.device.type != "cpu":
+        return F.linear(pixels, weight) * scale + (bias + shift * weight.sum(1))
+    return NormalisedLinear.apply(pixels, weight, bias, scale, shift)
+
+
 class Linear(nn.Linear):
     """nn.Linear (same weights, same initialisation) computed by `linear`."""
 
@@ -94,13 +135,11 @@ class Classifier(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         check_images(images, self.image_shape)
         pixels = images.flatten(1).float()  # (B, H, W) uint8 -> (B, H*W) float32 in 0..255
-        # The first layer applied to normalised pixels, W (pixels * scale + shift) + b, computed as
-        # (W pixels) * scale + (b + shift * W 1): the same function of the same parameters (so the same
-        # training), without an elementwise pass over every pixel of the batch, the costliest step here.
-        first = self.layers[0]
-        bias = first.bias + self.shift * first.weight.sum(1)
-        hidden = linear(pixels, first.weight) * self.scale + bias  # (B, width)
-        return self.layers[1:](hidden)  # (B, classes)
+        first, *rest = self.layers
+        hidden = normalised_linear(pixels, first.weight, first.bias, self.scale, self.shift)  # (B, width)
+        for layer in rest:  # not self.layers[1:], which builds a new nn.Sequential on every call
+            hidden = layer(hidden)
+        return hidden  # (B, classes)
 
 
 class Conv3x3(nn.Module):
@@ -185,6 +224,11 @@ class ConvNet(nn.Module):
     No dropout: its masks come from the device's generator, so a GPU run would train another model than a
     CPU run. Batch norm regularises instead, and lets a higher learning rate converge in few epochs.
     """
+
+    # Images per forward pass in `predict` (PREDICT_BATCH for the linear models): a block's neighbourhoods
+    # take nine times its input maps, so at PREDICT_BATCH the second block's alone were 0.9 GB, most of the
+    # cnn's peak memory; and a pass of 1024 images is faster per image (it stays in the caches).
+    predict_batch = 1024
 
     def __init__(self, architecture: Architecture) -> None:
         super().__init__()
