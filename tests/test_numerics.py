@@ -13,11 +13,12 @@ import os
 import stat
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
-from helpers import dvc, project_env, run_stage, set_params
+from helpers import dvc, make_tiny_project, project_env, run_stage, set_params
 
 from stages import numerics
 
@@ -71,14 +72,25 @@ def files_in(folder: Path) -> dict[str, bytes]:
     return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
 
 
+@pytest.fixture(scope="module")
+def tiny_preprocessed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny project's data, preprocessed once for the module: each test writes its own output folders."""
+    project = make_tiny_project(tmp_path_factory.mktemp("numerics"))
+    dvc(project, "repro", "preprocess")
+    return project
+
+
 @pytest.fixture
-def preprocessed(tiny_project: Path) -> Path:
+def preprocessed(tiny_preprocessed: Path) -> Iterator[Path]:
+    """The module's project with an mlp in params.yaml, put back after the test (which may change it)."""
     # An mlp: two matmuls and a ReLU per step give the kernels more to disagree on than a logreg.
-    params = yaml.safe_load((tiny_project / "params.yaml").read_text())
+    params_file = tiny_preprocessed / "params.yaml"
+    committed = params_file.read_text()
+    params = yaml.safe_load(committed)
     params["train"].update(model="mlp", hidden=[64], epochs=3)
-    (tiny_project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    dvc(tiny_project, "repro", "preprocess")
-    return tiny_project
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    yield tiny_preprocessed
+    params_file.write_text(committed)
 
 
 def test_every_cpu_variant_writes_the_same_bytes(preprocessed: Path) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import dvc, run, set_params
+from helpers import dvc, make_tiny_project, run, set_params
 
 from stages.cli import StageError
 from stages.download import DataParams
@@ -117,37 +117,45 @@ CLI_CASES = [
 OUTPUTS = {"download": "data/raw", "preprocess": "data/processed", "train": "models", "evaluate": "metrics"}
 
 
+@pytest.fixture(scope="module")
+def reproduced(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny project after `dvc repro`, once for the module: every stage's inputs exist. Each test puts
+    params.yaml and the outputs back as they were."""
+    project = make_tiny_project(tmp_path_factory.mktemp("params"))
+    dvc(project, "repro")
+    return project
+
+
 @pytest.mark.e2e
-def test_bad_params_through_the_stage_clis(tiny_project: Path) -> None:
+def test_bad_params_through_the_stage_clis(reproduced: Path, tmp_path: Path) -> None:
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("the cuda:3 / bf16 cases assume a machine without CUDA")
-    dvc(tiny_project, "repro")  # every stage's inputs exist, so only the params can be wrong
     commands = {
-        name: stage["cmd"] for name, stage in yaml.safe_load((tiny_project / "dvc.lock").read_text())["stages"].items()
+        name: stage["cmd"] for name, stage in yaml.safe_load((reproduced / "dvc.lock").read_text())["stages"].items()
     }
-    original = (tiny_project / "params.yaml").read_text()
+    original = (reproduced / "params.yaml").read_text()
     for stage, change, message in CLI_CASES:
-        output = tiny_project / OUTPUTS[stage]
-        run(tiny_project, "rm", "-rf", str(output))
-        set_params(tiny_project, **change)
-        result = run(tiny_project, *commands[stage].split(), check=False)
+        output, aside = reproduced / OUTPUTS[stage], tmp_path / OUTPUTS[stage].replace("/", "-")
+        output.rename(aside)  # so that whatever the stage writes there shows
+        set_params(reproduced, **change)
+        result = run(reproduced, *commands[stage].split(), check=False)
         assert result.returncode == 1, (stage, change, result.stderr)
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(message), (stage, change, result.stderr)
         assert not output.exists(), f"{stage} wrote {output} despite bad params {change}"
-        (tiny_project / "params.yaml").write_text(original)
-        dvc(tiny_project, "checkout", "--force")  # bring back the removed output for the next case
+        (reproduced / "params.yaml").write_text(original)
+        aside.rename(output)  # the next case's stage finds its inputs
 
 
 @pytest.mark.e2e
-def test_each_stage_reads_only_the_params_dvc_yaml_declares(tiny_project: Path) -> None:
+def test_each_stage_reads_only_the_params_dvc_yaml_declares(reproduced: Path) -> None:
     """Run each stage with a params.yaml holding only what dvc.yaml declares for it: an undeclared read fails."""
-    dvc(tiny_project, "repro")
-    lock = yaml.safe_load((tiny_project / "dvc.lock").read_text())["stages"]
-    stages = yaml.safe_load((tiny_project / "dvc.yaml").read_text())["stages"]
-    full = yaml.safe_load((tiny_project / "params.yaml").read_text())
+    lock = yaml.safe_load((reproduced / "dvc.lock").read_text())["stages"]
+    stages = yaml.safe_load((reproduced / "dvc.yaml").read_text())["stages"]
+    original = (reproduced / "params.yaml").read_text()
+    full = yaml.safe_load(original)
     for name, stage in stages.items():
         declared = {}
         for entry in stage.get("params", []):
@@ -155,7 +163,7 @@ def test_each_stage_reads_only_the_params_dvc_yaml_declares(tiny_project: Path) 
             section, _, key = entry.partition(".")
             declared.setdefault(section, {})
             declared[section].update({key: full[section][key]} if key else full[section])
-        (tiny_project / "params.yaml").write_text(yaml.safe_dump(declared))
-        result = run(tiny_project, *lock[name]["cmd"].split(), check=False)
+        (reproduced / "params.yaml").write_text(yaml.safe_dump(declared))
+        result = run(reproduced, *lock[name]["cmd"].split(), check=False)
         assert result.returncode == 0, f"stage {name} read params dvc.yaml does not declare:\n{result.stderr}"
-    (tiny_project / "params.yaml").write_text(yaml.safe_dump(full, sort_keys=False))
+    (reproduced / "params.yaml").write_text(original)

@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
-from helpers import dvc, register_dataset, run, set_params, stages_restored, stages_run, write_dataset
+from helpers import (
+    dvc,
+    make_tiny_project,
+    register_dataset,
+    run,
+    set_params,
+    stages_restored,
+    stages_run,
+    write_dataset,
+)
 
 ALL_STAGES = ["download", "preprocess", "train", "evaluate"]
 
@@ -26,8 +36,23 @@ def lock_hashes(project: Path) -> dict[str, str]:
     return hashes
 
 
-def test_repro_runs_all_stages_then_nothing(tiny_project: Path) -> None:
-    first = dvc(tiny_project, "repro")
+@pytest.fixture(scope="module")
+def first_repro(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
+    """A tiny project's first `dvc repro`, once for the module: the project, and what the repro printed."""
+    root = tmp_path_factory.mktemp("pipeline")
+    project = make_tiny_project(root)
+    return project, dvc(project, "repro")
+
+
+@pytest.fixture
+def reproduced(first_repro: tuple[Path, subprocess.CompletedProcess], tmp_path: Path) -> Path:
+    """A copy of that reproduced project (its data mirror stays where the registry names it) for one test."""
+    project, _ = first_repro
+    return Path(shutil.copytree(project, tmp_path / "project", symlinks=True))
+
+
+def test_repro_runs_all_stages_then_nothing(first_repro: tuple[Path, subprocess.CompletedProcess]) -> None:
+    tiny_project, first = first_repro
     assert stages_run(first) == ALL_STAGES
 
     second = dvc(tiny_project, "repro")
@@ -47,9 +72,8 @@ def test_repro_runs_all_stages_then_nothing(tiny_project: Path) -> None:
     ]
 
 
-def test_only_what_changed_reruns(tiny_project: Path) -> None:
-    dvc(tiny_project, "repro")
-
+def test_only_what_changed_reruns(reproduced: Path) -> None:
+    tiny_project = reproduced
     # A train key that changes the weights: train, then evaluate (the model's bytes changed).
     set_params(tiny_project, **{"train.lr": 0.01})
     assert stages_run(dvc(tiny_project, "repro")) == ["train", "evaluate"]
@@ -72,10 +96,11 @@ def test_only_what_changed_reruns(tiny_project: Path) -> None:
     assert stages_run(dvc(tiny_project, "repro")) == ["preprocess", "train", "evaluate"]
 
 
-def test_switching_dataset_reruns_all_four(tiny_project: Path, tmp_path: Path) -> None:
+def test_switching_dataset_reruns_all_four(reproduced: Path, tmp_path: Path) -> None:
+    tiny_project = reproduced
     register_dataset(tiny_project, "tiny2", write_dataset(tmp_path / "mirror2", seed=7))
     run(tiny_project, "git", "commit", "-qam", "second tiny dataset")
-    dvc(tiny_project, "repro")
+    dvc(tiny_project, "repro")  # download reads the registry it changed
     set_params(tiny_project, **{"data.dataset": "tiny2"})
     assert stages_run(dvc(tiny_project, "repro")) == ALL_STAGES
 
@@ -95,8 +120,8 @@ def test_run_cache_restores_train_instead_of_training(tiny_project: Path) -> Non
     assert (tiny_project / "models" / "model.safetensors").read_bytes() == model_a
 
 
-def test_forced_repro_is_byte_identical(tiny_project: Path) -> None:
-    dvc(tiny_project, "repro")
+def test_forced_repro_is_byte_identical(reproduced: Path) -> None:
+    tiny_project = reproduced
     before = lock_hashes(tiny_project)
     metrics_before = {p.name: p.read_bytes() for p in (tiny_project / "metrics").rglob("*") if p.is_file()}
 
