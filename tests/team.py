@@ -146,5 +146,7 @@ def object_key(md5: str) -> str:
     return f"files/md5/{md5[:2]}/{md5[2:]}"
 
 
-def is_clean(project: Path) -> bool:
-    return "Data and pipelines are up to date." in dvc(project, "status").stdout
+def assert_clean(project: Path) -> None:
+    """`dvc status` finds nothing to rerun; else the assertion shows what it found."""
+    status = dvc(project, "status").stdout
+    assert "Data and pipelines are up to date." in status, status

@@ -16,10 +16,10 @@ from team import (
     S3,
     LocalRemote,
     S3Remote,
+    assert_clean,
     cache_fingerprint,
     commit_and_push,
     fingerprint,
-    is_clean,
     locked_md5,
     object_key,
     object_md5,
@@ -56,7 +56,7 @@ def test_teammate_pulls_instead_of_recomputing(
     assert f"remote '{remote.name}'" in report and "reachable" in report
 
     dvc(bob, "pull")
-    assert is_clean(bob)
+    assert_clean(bob)
     assert fingerprint(bob) == fingerprint(alice)
     assert json.loads((bob / "metrics" / "test.json").read_text()) == json.loads(
         (alice / "metrics" / "test.json").read_text()
@@ -91,7 +91,7 @@ def test_new_params_reach_teammate(remote: LocalRemote | S3Remote, alice: Path, 
 
     bob = teammate(remote, origin, tmp_path / "bob", branch="lr-0.01")
     dvc(bob, "pull")
-    assert is_clean(bob)
+    assert_clean(bob)
     assert locked_md5(bob, "train", "models") == locked_md5(carol, "train", "models")
     assert fingerprint(bob) == fingerprint(carol)
 
@@ -118,7 +118,7 @@ def test_corrupted_object_never_reaches_the_workspace(
         dvc(bob, "pull")
         weights = "models/model.safetensors"
         assert (bob / weights).read_bytes() != (alice / weights).read_bytes()
-        assert is_clean(bob)
+        assert_clean(bob)
     finally:
         remote.write(model, original)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from helpers import dvc, experiments, queue_statuses, run, stages_run, start_queue, stop_workers
-from team import LocalRemote, S3Remote, fingerprint, is_clean, object_key, object_md5, teammate
+from team import LocalRemote, S3Remote, assert_clean, fingerprint, object_key, object_md5, teammate
 
 pytestmark = pytest.mark.e2e
 
@@ -68,7 +68,7 @@ def test_experiments_from_two_machines_are_shown_and_applied_on_a_third(
     dvc(c, "pull")
     assert fingerprint(c, ("models",)) == seen[best].models  # the bytes its machine trained
     assert json.loads((c / "metrics" / "test.json").read_text()) == seen[best].metrics
-    assert is_clean(c)
+    assert_clean(c)
     assert stages_run(dvc(c, "repro")) == []  # nothing trains on C
 
 
