@@ -111,6 +111,10 @@ def test_mixed_sizes_are_framed_not_refused(tmp_path: Path) -> None:
             lambda root: [(root / "train" / name).mkdir(parents=True) for name in ("a", "b ")],
             "'b ' is not a class name",
         ),
+        (  # IDX labels are bytes: a 257th class would be stored as the first
+            lambda root: [(root / "train" / f"{index:03}").mkdir(parents=True) for index in range(257)],
+            "257 class folders; at most 256",
+        ),
     ],
 )
 def test_folders_a_classifier_cannot_use_are_refused(make, message: str, tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ import numpy as np
 from stages.core.artifacts import atomic_file
 from stages.core.datasets import ROLES, Frame, Manifest
 from stages.core.errors import SettingError
-from stages.core.images import SIGNATURES, UnreadableInput, decode_picture, fit_picture
+from stages.core.images import UnreadableInput, decode_picture, files_under, fit_picture, read_file
 
 SPLIT_FOLDERS = ("train", "test")
 CHUNK = 2000  # pictures per task when framing on several CPUs: a pool pays off from two chunks on
@@ -36,6 +36,7 @@ RAW_NAMES = dict(
     )
 )
 EXTENSIONS = (".png", ".jpg", ".jpeg")  # torchvision's IMG_EXTENSIONS that PIL decodes here
+MAX_CLASSES = 256  # IDX labels are unsigned bytes
 # Pictures of any size are framed as Fashion-MNIST frames a product shot (trimmed, longest edge to the
 # side, centred), anti-aliased rather than subsampled: a user's photos are larger than the thumbnails
 # Fashion-MNIST subsampled, and subsampling them aliases.
@@ -60,7 +61,7 @@ class Picture:
 
 def find_classes(split: Path) -> tuple[str, ...]:
     """The class folders of `split`, sorted (torchvision's `find_classes`); SettingError for a name a card
-    cannot carry or fewer than two classes."""
+    cannot carry, fewer than two classes, or more than MAX_CLASSES."""
     if not split.is_dir():
         raise SettingError(f"{split}: no such folder; the layout is <root>/train/<class>/<picture> (and test/ alike)")
     classes = tuple(sorted(entry.name for entry in os.scandir(split) if entry.is_dir() and entry.name[0] != "."))
@@ -70,6 +71,8 @@ def find_classes(split: Path) -> tuple[str, ...]:
     if len(classes) < 2:
         found = f"only {classes[0]!r}" if classes else "none"
         raise SettingError(f"{split}: a classifier needs two classes or more (class folders found: {found})")
+    if len(classes) > MAX_CLASSES:
+        raise SettingError(f"{split}: {len(classes)} class folders; at most {MAX_CLASSES} (labels are stored as bytes)")
     return classes
 
 
@@ -78,17 +81,14 @@ def list_pictures(root: Path, split: str, classes: tuple[str, ...]) -> list[tupl
     pictures = []
     for label, name in enumerate(classes):
         folder = root / split / name
-        found = []
-        for parent, subfolders, names in os.walk(folder):
-            subfolders[:] = sorted(sub for sub in subfolders if not sub.startswith("."))
-            found += [
-                os.path.relpath(os.path.join(parent, file), root).replace(os.sep, "/")
-                for file in names
-                if not file.startswith(".") and file.lower().endswith(EXTENSIONS)
-            ]
+        found = [
+            os.path.relpath(file, root).replace(os.sep, "/")
+            for file in files_under(folder)
+            if file.lower().endswith(EXTENSIONS)
+        ]
         if not found:
             raise SettingError(f"{folder}: no pictures (PNG or JPEG) in this class folder; add some or remove it")
-        pictures += [(path, label) for path in sorted(found)]
+        pictures += [(path, label) for path in found]
     return pictures
 
 
@@ -98,7 +98,7 @@ def frame_pictures(
     frame: Frame,
     skip: Callable[[str, str], None] | None,
 ) -> tuple[np.ndarray, np.ndarray, list[Picture]]:
-    """uint8 images (N, size, size), int64 labels (N,), and what each picture was, in the order given.
+    """uint8 images (N, size, size), uint8 labels (N,), and what each picture was, in the order given.
 
     A picture that cannot be read stops with UnreadablePicture naming it, or, with `skip`, is reported to
     `skip(file, problem)` and left out. Large folders are framed on every CPU (the same result: each picture
@@ -112,27 +112,26 @@ def frame_pictures(
             framed = list(pool.map(_frame_chunk, itertools.repeat(root), chunks, itertools.repeat(frame)))
     else:
         framed = [_frame_chunk(root, chunk, frame) for chunk in chunks]
-    for file, problem in (problem for *_, problems in framed for problem in problems):
+    for file, problem in (problem for _, _, problems in framed for problem in problems):
         if skip is None:
             raise UnreadablePicture(f"{root / file}: {problem}")
         skip(file, problem)
-    images = np.concatenate([images for images, *_ in framed]) if framed else np.empty((0, frame.size, frame.size))
-    labels = np.array([label for _, labels, _, _ in framed for label in labels], np.int64)
-    return images.astype(np.uint8), labels, [picture for _, _, kept, _ in framed for picture in kept]
+    kept = [picture for _, pictures, _ in framed for picture in pictures]
+    labels = np.fromiter((picture.label for picture in kept), np.uint8, len(kept))
+    return np.concatenate([images for images, _, _ in framed]), labels, kept
 
 
 def _frame_chunk(
     root: Path, pictures: list[tuple[str, int]], frame: Frame
-) -> tuple[np.ndarray, list[int], list[Picture], list[tuple[str, str]]]:
-    """Frame some pictures: the images (n, size, size), their labels, what they were, and (file, problem) for
-    each that gives no image."""
+) -> tuple[np.ndarray, list[Picture], list[tuple[str, str]]]:
+    """Frame some pictures: the images (n, size, size), what they were, and (file, problem) for each that
+    gives no image."""
     shape = (frame.size, frame.size)
     images = np.empty((len(pictures), *shape), np.uint8)
-    labels, kept, problems = [], [], []
+    kept, problems = [], []
     for file, label in pictures:
-        data = (root / file).read_bytes()
         try:
-            kind = next((kind for magic, kind in SIGNATURES.items() if data.startswith(magic)), None)
+            data, kind = read_file(root / file)
             if kind not in ("png", "jpeg"):
                 raise UnreadableInput("not a PNG or JPEG file")
             pixels, _, _ = fit_picture(decode_picture(data, kind), frame, shape)
@@ -140,9 +139,8 @@ def _frame_chunk(
             problems.append((file, str(error)))
             continue
         images[len(kept)] = pixels
-        labels.append(label)
         kept.append(Picture(file, label, len(data), hashlib.sha256(data).hexdigest()))
-    return images[: len(kept)], labels, kept, problems
+    return images[: len(kept)], kept, problems
 
 
 def acquire(root: Path, out: Path, frame: Frame, skip: Callable[[str, str], None] | None) -> Manifest:
@@ -158,7 +156,7 @@ def acquire(root: Path, out: Path, frame: Frame, skip: Callable[[str, str], None
         if not len(images):
             raise SettingError(f"{root / split}: none of its pictures could be read")
         write_idx(out / RAW_NAMES[f"{split}_images"], images)
-        write_idx(out / RAW_NAMES[f"{split}_labels"], labels.astype(np.uint8))
+        write_idx(out / RAW_NAMES[f"{split}_labels"], labels)
         listed[split] = [picture.listed(classes) for picture in pictures]
     return Manifest(
         dataset=str(root),
