@@ -57,11 +57,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="folder for the verified IDX files")
     args = parser.parse_args()
     params = load_section(args.params, "data", DataParams)
-    if params.dataset not in load_registry():
+    registry = load_registry()
+    if params.dataset not in registry:
         write_manifest(args.out, acquire_folder(Path(params.dataset), args.out, params.unreadable))
         return
-    with explained("data.dataset"):
-        dataset = lookup(params.dataset)
+    dataset = registry[params.dataset]
     mirrors = [*params.mirrors, *dataset.mirrors]
 
     prepare_folder(args.out, dataset)

@@ -161,8 +161,13 @@ def test_preprocess_stage_fails_in_one_line_and_leaves_processed_alone(
     [
         ('{"dataset": "tiny", "classes": [', "damaged (not the JSON the download stage writes)"),
         ('{"dataset": "tiny", "classes": ["a"], "files": {}}', "incomplete (needs dataset, classes and files "),
+        (  # only a folder of pictures may come without its test pair
+            '{"dataset": "tiny", "classes": ["a"], "files": {"train_images": "train-images-idx3-ubyte", '
+            '"train_labels": "train-labels-idx1-ubyte"}}',
+            "incomplete (needs dataset, classes and files ",
+        ),
     ],
-    ids=["not-json", "no-files"],
+    ids=["not-json", "no-files", "no-test-files"],
 )
 @pytest.mark.e2e
 def test_a_damaged_manifest_is_one_line_not_a_traceback(tiny_project: Path, manifest: str, problem: str) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from stages.core.artifacts import read_checked, write_json
 from stages.core.contract import FrameRecord
@@ -99,14 +99,13 @@ class Manifest(BaseModel):
     frame: FrameRecord | None = None
     pictures: dict[str, list[dict[str, str | int]]] | None = None
 
-    @field_validator("files")
-    @classmethod
-    def _every_role(cls, files: dict[str, str]) -> dict[str, str]:
-        # The test pair may be absent (a folder of pictures without test/: preprocess holds a test split out).
-        needed = ROLES if any(role.startswith("test") for role in files) else TRAIN_ROLES
-        if not all(role in files for role in needed):
+    @model_validator(mode="after")
+    def _every_role(self) -> Manifest:
+        # Only a folder of pictures may lack the test pair (no test/: preprocess holds a test split out).
+        folder_without_test = self.pictures is not None and "test" not in self.pictures
+        if not all(role in self.files for role in (TRAIN_ROLES if folder_without_test else ROLES)):
             raise ValueError("a file for each role")
-        return files
+        return self
 
     @classmethod
     def of(cls, dataset: DatasetSpec) -> Manifest:
