@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from helpers import sgd_epoch
 from threadpoolctl import threadpool_info
 
-from stages.core import products
+from stages.core import artifacts, products
 from stages.core.errors import SettingError
 from stages.core.metrics import calibration, confusion_matrix, per_class_scores, predict, score
 from stages.core.model import (
@@ -313,3 +313,34 @@ def test_report_tables_are_the_bytes_pandas_wrote(tmp_path: Path) -> None:
     pd.DataFrame(rows).to_csv(tmp_path / "pandas.csv", index=False, lineterminator="\n")
     assert (tmp_path / "ours.csv").read_bytes() == (tmp_path / "pandas.csv").read_bytes()
     assert markdown_table(rows) == pd.DataFrame(rows).to_markdown(index=False, floatfmt=".4f") + "\n"
+
+
+def dead_pid() -> int:
+    """The pid of a process that has ended."""
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(finished.stdout)
+
+
+@pytest.mark.parametrize("killed_after", ["first rename", "second rename"])
+def test_a_switch_killed_between_the_fallbacks_renames_leaves_one_set_and_no_leftover(
+    killed_after: str, tmp_path: Path, monkeypatch
+) -> None:
+    """Where two folders cannot be exchanged in one step, atomic_directory renames three times; a run killed
+    between them leaves either the old set aside and the new one in its temporary (put the old one back), or
+    the new set in place and the old one aside (stale). The next run must start from one whole set, and
+    leave nothing behind."""
+    monkeypatch.setattr(artifacts, "_exchange", lambda one, other: False)
+    path = tmp_path / "metrics"
+    temp = tmp_path / f"{artifacts.TEMP_PREFIX}metrics.{dead_pid()}.abcd1234"
+    (temp.with_name(temp.name + ".previous")).mkdir()
+    (temp.with_name(temp.name + ".previous") / "test.json").write_text("old")
+    target = temp if killed_after == "first rename" else path
+    target.mkdir()
+    (target / "test.json").write_text("new")
+
+    with artifacts.atomic_directory(path) as folder:
+        seen = (path / "test.json").read_text()  # what a reader finds while the next run writes
+        (folder / "test.json").write_text("next")
+    assert seen == ("old" if killed_after == "first rename" else "new")
+    assert (path / "test.json").read_text() == "next"
+    assert sorted(entry.name for entry in tmp_path.iterdir()) == ["metrics"]

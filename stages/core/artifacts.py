@@ -176,20 +176,23 @@ def _exchange(one: Path, other: Path) -> bool:
 
 
 def _put_back_interrupted(path: Path) -> None:
-    """Put back the old folder that a run killed between the fallback's two renames left aside."""
+    """Put back the old folder that a run killed between the fallback's first two renames left aside: `path`
+    absent, the new set still in its temporary. Killed after the second, the new set is at `path` and the
+    old one aside is stale: remove_stale_temporaries deletes it."""
     if path.exists():
         return
-    aside = _temporary_of(path.name, _PREVIOUS)
+    ours = _temporary_of(path.name)
     for previous in path.parent.glob(f"{glob.escape(TEMP_PREFIX + path.name)}.*{_PREVIOUS}"):
-        match = aside.fullmatch(previous.name)
-        if match and not _is_running(int(match[1])):
+        match = ours.fullmatch(previous.name)
+        if match and not _is_running(int(match[1])) and previous.with_name(previous.name[: -len(_PREVIOUS)]).exists():
             os.rename(previous, path)
             return
 
 
-def _temporary_of(name: str, suffix: str = "") -> re.Pattern:
-    """The names of the temporaries for the output `name` (TEMP_PREFIX); group 1 is the writer's pid."""
-    return re.compile(rf"{re.escape(TEMP_PREFIX + name)}\.(\d+)\.[a-z0-9_]{{8}}{re.escape(suffix)}")
+def _temporary_of(name: str) -> re.Pattern:
+    """The names of the temporaries for the output `name` (TEMP_PREFIX), and of the old folders the fallback
+    set aside; group 1 is the writer's pid."""
+    return re.compile(rf"{re.escape(TEMP_PREFIX + name)}\.(\d+)\.[a-z0-9_]{{8}}(?:{re.escape(_PREVIOUS)})?")
 
 
 def _umask() -> int:
