@@ -4,6 +4,7 @@ conftest.py."""
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import json
@@ -16,6 +17,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 import yaml
@@ -177,13 +179,25 @@ def wait_for_queue(project: Path, timeout: float) -> str:
 
 
 def stop_workers(project: Path) -> None:
-    """Leave no queue worker behind: a worker idles for 10 s before it exits; stop it if it lingers."""
+    """Leave no queue worker behind: `dvc queue stop` (an idle worker would wait 10 s before exiting), then wait
+    for the workers to exit, killing them if a task still runs a minute later."""
+    dvc(project, "queue", "stop")
     deadline = time.monotonic() + 60
-    while "Worker status: 0 active, 0 idle" not in dvc(project, "queue", "status").stdout:
+    while queue_workers(project):
         if time.monotonic() > deadline:
             dvc(project, "queue", "stop", "--kill", check=False)
             return
-        time.sleep(2)
+        time.sleep(0.2)
+
+
+def queue_workers(project: Path) -> list[psutil.Process]:
+    """The `dvc exp queue-worker` processes of `project` (a worker runs in the project's root)."""
+    found = []
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if "queue-worker" in process.cmdline() and Path(process.cwd()) == project.resolve():
+                found.append(process)
+    return found
 
 
 # The README's one-line recipes (Models) as train params, with the test accuracy each must reach on

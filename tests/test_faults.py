@@ -14,14 +14,23 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from helpers import dvc, make_tiny_project, one_line_error, reproduced_tiny_project, run, set_params, stage_command
+from helpers import (
+    dvc,
+    make_tiny_project,
+    one_line_error,
+    reproduced_tiny_project,
+    run,
+    set_params,
+    stage_command,
+    stop_workers,
+    wait_for_queue,
+)
 from safetensors.torch import load_file, save_file
 
 pytestmark = pytest.mark.e2e
@@ -304,11 +313,8 @@ def test_experiments_queue_and_temp_run_from_a_non_ascii_path(tmp_path: Path, mo
     dvc(project, "exp", "run", "--queue", "-S", "train.lr=0.01")
     dvc(project, "exp", "run", "--queue", "-S", "train.lr=0.05")
     dvc(project, "queue", "start")
-    deadline = 300
-    start = time.monotonic()
-    while time.monotonic() - start < deadline:
-        status = dvc(project, "queue", "status").stdout
-        if "Queued" not in status and "Running" not in status:
-            break
-        time.sleep(3)
+    try:
+        status = wait_for_queue(project, timeout=300)
+    finally:
+        stop_workers(project)
     assert status.count("Success") == 2 and "Failed" not in status, status
