@@ -35,7 +35,6 @@ CPU_FLAGS = numerics.CPUINFO.read_text().split() if numerics.CPUINFO.exists() el
 # branches, oneDNN limited to SSE4.1, OpenBLAS's AVX-512 kernels or its cache size as a machine's
 # environment sets them, one OpenBLAS or OpenMP thread. A pinned stage must ignore them all.
 VARIANTS = {
-    "no variables": {},
     "ATen default": {"ATEN_CPU_CAPABILITY": "default"},
     "MKL AUTO": {"MKL_CBWR": "AUTO"},
     "MKL AVX2": {"MKL_CBWR": "AVX2"},
@@ -58,14 +57,21 @@ if "avx512f" in CPU_FLAGS:
     VARIANTS["MKL AVX-512"] = {"MKL_CBWR": "AVX512"}
 
 
-def train_and_evaluate(project: Path, name: str, variant: dict[str, str], pinned: bool = True) -> dict[str, bytes]:
+def train(project: Path, name: str, variant: dict[str, str], pinned: bool = True) -> dict[str, bytes]:
+    """Train in its own process under `variant`; the bytes of the model folder it wrote."""
+    models = f"models-{name}"
+    run_stage(project, "stages.train", "--data", "data/processed", "--out", models, variant=variant, pinned=pinned)
+    return files_in(project / models)
+
+
+def train_and_evaluate(project: Path, name: str, variant: dict[str, str]) -> dict[str, bytes]:
     """Train and evaluate in their own processes under `variant`; the bytes of everything they wrote."""
     models, report = f"models-{name}", f"metrics-{name}"
-    run_stage(project, "stages.train", "--data", "data/processed", "--out", models, variant=variant, pinned=pinned)
+    written = train(project, name, variant)
     run_stage(
         project, "stages.evaluate", "--data", "data/processed", "--model", models, "--out", report, variant=variant
     )
-    return files_in(project / models) | files_in(project / report)
+    return written | files_in(project / report)
 
 
 def files_in(folder: Path) -> dict[str, bytes]:
@@ -94,7 +100,7 @@ def preprocessed(tiny_preprocessed: Path) -> Iterator[Path]:
 
 
 def test_every_cpu_variant_writes_the_same_bytes(preprocessed: Path) -> None:
-    reference = train_and_evaluate(preprocessed, "reference", {})
+    reference = train_and_evaluate(preprocessed, "reference", {})  # no variable set
     card = json.loads(reference["model.json"])
     assert card["numerics"] == {
         "cpu_capability": "AVX2",
@@ -122,7 +128,7 @@ def test_a_cnn_writes_the_same_bytes_under_every_cpu_variant(preprocessed: Path)
 def test_the_variants_do_change_the_bytes_without_the_pin(preprocessed: Path) -> None:
     """Without the pin, the same variants give other weights: the test above could fail, and would."""
     weights = {
-        name: train_and_evaluate(preprocessed, f"unpinned-{index}", variant, pinned=False)["model.safetensors"]
+        name: train(preprocessed, f"unpinned-{index}", variant, pinned=False)["model.safetensors"]
         for index, (name, variant) in enumerate(
             [
                 ("no variables", {}),
@@ -175,13 +181,13 @@ def test_a_user_setting_is_overridden_with_one_warning(preprocessed: Path) -> No
     ]
 
 
-def test_outputs_are_readable_by_the_whole_team(tiny_project: Path) -> None:
+def test_outputs_are_readable_by_the_whole_team(tiny_preprocessed: Path) -> None:
     """Every output gets a new file's ordinary mode: a shared or served model folder is readable by all."""
-    dvc(tiny_project, "repro")
+    dvc(tiny_preprocessed, "repro")  # train and evaluate; the module's fixture ran the data stages
     umask = os.umask(0)
     os.umask(umask)
     expected = 0o666 & ~umask
     for folder in ("data", "models", "metrics"):
-        for path in (tiny_project / folder).rglob("*"):
+        for path in (tiny_preprocessed / folder).rglob("*"):
             if path.is_file():
                 assert stat.S_IMODE(path.stat().st_mode) == expected, f"{path}: mode {path.stat().st_mode:o}"
