@@ -23,10 +23,12 @@ pipeline: setup system-packages ascii-cache
 check: lint
 	$(PYTHON) -m pytest -m "not ($(NOT_QUICK))"
 
-# One pytest worker per CPU (pytest-xdist): most tests wait on subprocesses that use one core each. A test
-# file stays on one worker (its module fixtures are made once); conftest.py starts the slow ones first.
+# One pytest worker per CPU and one more (pytest-xdist): most tests wait on subprocesses that use one core
+# each, and a worker also waits on servers starting, timeouts and queue polls, which the extra one fills
+# (docs/testing.md). A test file stays on one worker (its module fixtures are made once); conftest.py starts
+# the slow ones first.
 test: lint test-system-packages ascii-cache
-	$(PYTHON) -m pytest -n logical --dist loadfile --durations=15
+	$(PYTHON) -m pytest -n $$(( $$(nproc) + 1 )) --dist loadfile --durations=15
 
 lint: setup-test
 	$(PYTHON) -m ruff check .
@@ -36,14 +38,19 @@ setup: $(VENV)/.installed
 setup-test: $(VENV)/.installed-test
 
 $(VENV)/.installed: pyproject.toml
-	test -x $(PYTHON) || python3 -m venv $(VENV)
-	$(PYTHON) -m pip install --quiet --upgrade pip
-	$(PYTHON) -m pip install --quiet -e .
+	$(call pip_install,.)
 	touch $@
 
-$(VENV)/.installed-test: $(VENV)/.installed
-	$(PYTHON) -m pip install --quiet -e '.[test]'
-	touch $@
+# In a fresh clone, the project and its test extras in one pip run (one resolution and editable build, not two).
+$(VENV)/.installed-test: pyproject.toml
+	$(call pip_install,.[test])
+	touch $(VENV)/.installed $@
+
+define pip_install
+test -x $(PYTHON) || python3 -m venv $(VENV)
+$(PYTHON) -m pip install --quiet --upgrade pip
+$(PYTHON) -m pip install --quiet -e '$(1)'
+endef
 
 # dataset-fashion-mnist: the offline mirror of the default dataset.
 system-packages:
