@@ -23,12 +23,10 @@ pipeline: setup system-packages ascii-cache
 check: lint
 	$(PYTHON) -m pytest -m "not ($(NOT_QUICK))"
 
-# One pytest worker per CPU and one more (pytest-xdist): most tests wait on subprocesses that use one core
-# each, and a worker also waits on servers starting, timeouts and queue polls, which the extra one fills
-# (docs/testing.md). A test file stays on one worker (its module fixtures are made once); conftest.py starts
-# the slow ones first.
+# One pytest worker per CPU (pytest-xdist): most tests wait on subprocesses that use one core each. A test
+# file stays on one worker (its module fixtures are made once); conftest.py starts the slow ones first.
 test: lint test-system-packages ascii-cache
-	$(PYTHON) -m pytest -n $$(( $$(nproc) + 1 )) --dist loadfile --durations=15
+	$(PYTHON) -m pytest -n logical --dist loadfile --durations=15
 
 lint: setup-test
 	$(PYTHON) -m ruff check .
