@@ -159,6 +159,12 @@ def start_queue(project: Path, workers: int, log: Path) -> str:
     return log.read_text()
 
 
+def dead_pid() -> int:
+    """The pid of a process that has ended (its temporaries are a dead run's)."""
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(finished.stdout)
+
+
 def queue_statuses(project: Path, timeout: float) -> Iterator[str]:
     """Poll `dvc queue status`, yielding each status, until no task is queued or running (the last one yielded)."""
     deadline = time.monotonic() + timeout

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +20,7 @@ import pytest
 import torch
 import yaml
 from helpers import (
+    dead_pid,
     dvc,
     make_tiny_project,
     one_line_error,
@@ -265,8 +265,7 @@ def test_stage_removes_only_its_own_dead_temporaries(project: Path, tmp_path: Pa
     (live / "weights").write_text("half-written")
     sibling = tmp_path / f".tmp-other.{os.getpid()}.abcdefgh"
     sibling.mkdir()
-    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    stale = tmp_path / f".tmp-models.{int(finished.stdout)}.zyxwvuts"  # its process has exited
+    stale = tmp_path / f".tmp-models.{dead_pid()}.zyxwvuts"  # its process has exited
     stale.mkdir()
     command = stage_command(project, "train")
     command[command.index("--out") + 1] = str(tmp_path / "models")

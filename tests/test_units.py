@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import sgd_epoch
+from helpers import dead_pid, sgd_epoch
 from threadpoolctl import threadpool_info
 
 from stages.core import artifacts, products
@@ -313,12 +313,6 @@ def test_report_tables_are_the_bytes_pandas_wrote(tmp_path: Path) -> None:
     pd.DataFrame(rows).to_csv(tmp_path / "pandas.csv", index=False, lineterminator="\n")
     assert (tmp_path / "ours.csv").read_bytes() == (tmp_path / "pandas.csv").read_bytes()
     assert markdown_table(rows) == pd.DataFrame(rows).to_markdown(index=False, floatfmt=".4f") + "\n"
-
-
-def dead_pid() -> int:
-    """The pid of a process that has ended."""
-    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    return int(finished.stdout)
 
 
 @pytest.mark.parametrize("killed_after", ["first rename", "second rename"])
