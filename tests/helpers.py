@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -311,10 +312,8 @@ def run_stage(project: Path, module: str, *args: str, variant: dict[str, str], p
 
 
 def stage_command(project: Path, stage: str) -> list[str]:
-    """The stage's command as `dvc repro` runs it: dvc.yaml's cmd with its `vars` filled in."""
-    spec = yaml.safe_load((project / "dvc.yaml").read_text())
-    values = {name: value for block in spec["vars"] for name, value in block.items()}
-    return re.sub(r"\$\{(\w+)\}", lambda match: str(values[match[1]]), spec["stages"][stage]["cmd"]).split()
+    """The stage's command as `dvc repro` runs it: dvc.yaml's cmd."""
+    return shlex.split(yaml.safe_load((project / "dvc.yaml").read_text())["stages"][stage]["cmd"])
 
 
 def one_line_error(result: subprocess.CompletedProcess, starts: str) -> str:

@@ -37,15 +37,14 @@ def test_meta_agrees_with_the_model_card_when_the_model_is_here() -> None:
 
 def test_artifact_is_the_train_stage_output() -> None:
     assert ARTIFACT["type"] == "model"
-    assert ARTIFACT["path"] == "${models}"
-    assert "${models}" in DVC_YAML["stages"]["train"]["outs"]
+    assert DVC_YAML["stages"]["train"]["outs"] == [ARTIFACT["path"]]
 
 
 def test_predict_default_model_is_where_train_writes() -> None:
     from stages.commands.predict import DEFAULT_MODEL
 
-    (variables,) = DVC_YAML["vars"]
-    assert DEFAULT_MODEL == Path(variables["models"])
+    (models,) = DVC_YAML["stages"]["train"]["outs"]
+    assert DEFAULT_MODEL == Path(models)
 
 
 def test_console_scripts_point_at_functions() -> None:
