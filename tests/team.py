@@ -147,6 +147,19 @@ def object_key(md5: str) -> str:
 
 
 def assert_clean(project: Path) -> None:
-    """`dvc status` finds nothing to rerun; else the assertion shows what it found."""
+    """`dvc status` finds nothing to rerun; else the assertion shows what it found, and each params section
+    whose values differ between params.yaml and dvc.lock, with both (a rare failure of
+    test_new_params_reach_teammate says only `params.yaml: modified: train`)."""
     status = dvc(project, "status").stdout
-    assert "Data and pipelines are up to date." in status, status
+    if "Data and pipelines are up to date." in status:
+        return
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    differ = {
+        name: {"params.yaml": params.get(section), "dvc.lock": value}
+        for name, stage in lock.items()
+        for section, value in stage.get("params", {}).get("params.yaml", {}).items()
+        if params.get(section) != value
+    }
+    log = run(project, "git", "log", "--format=%h %s", "-3").stdout
+    raise AssertionError(f"{status}\nparams that differ: {differ}\ngit log:\n{log}")
