@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+import time
 from pathlib import Path
 
 import pytest
 import yaml
-from helpers import dvc, make_tiny_project, run
+from helpers import dvc, make_tiny_project, run, set_params
 from s3server import ACCESS_KEY, REGION, SECRET_KEY, WeedServer
 
 CODE_TAG = "code"  # the origin's first commit: the pipeline without any results
@@ -101,6 +103,26 @@ def teammate(remote: LocalRemote | S3Remote, origin: Path, where: Path, branch: 
     project = clone(origin, where, branch)
     remote.set_credentials(project)
     return project
+
+
+def teammate_editing_at_checkout(remote: LocalRemote | S3Remote, origin: Path, where: Path, **changes: object) -> Path:
+    """A teammate who sets params (to values of the same length) in the very second git checked params.yaml
+    out, as a script does: git then sees the edit only through its racy-clean check (same size, same mtime
+    to the second), which holds as long as nothing but git rewrites the index. The edit is retried in a
+    fresh clone until it lands in that second."""
+    clones = 5
+    for _ in range(clones):
+        time.sleep(1 - time.time() % 1)  # the start of a second: the clone and the edit fit in the rest
+        project = clone(origin, where)
+        checked_out = (project / "params.yaml").stat()
+        set_params(project, **changes)
+        edited = (project / "params.yaml").stat()
+        assert edited.st_size == checked_out.st_size, "the edit must keep params.yaml's size"
+        if int(edited.st_mtime) == int(checked_out.st_mtime):
+            remote.set_credentials(project)  # after the edit: it runs dvc, which takes most of a second
+            return project
+        shutil.rmtree(project)
+    raise AssertionError(f"params.yaml was never edited within the second of its checkout ({clones} clones)")
 
 
 def commit_and_push(project: Path, message: str, branch: str = "main") -> None:

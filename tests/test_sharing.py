@@ -24,6 +24,7 @@ from team import (
     object_key,
     object_md5,
     teammate,
+    teammate_editing_at_checkout,
 )
 
 pytestmark = pytest.mark.e2e
@@ -81,9 +82,11 @@ def test_repro_pull_restores_train_from_the_run_cache(
 
 
 def test_new_params_reach_teammate(remote: LocalRemote | S3Remote, alice: Path, origin: Path, tmp_path: Path) -> None:
-    carol = teammate(remote, origin, tmp_path / "carol")  # A again, in a fresh clone
+    # A again, in a fresh clone, changing lr 0.03 to 0.01 before anything else. DVC's autostage (off in
+    # .dvc/config) rewrote git's index during the repro, after which git no longer saw that edit: the commit
+    # held the new dvc.lock and the old params.yaml.
+    carol = teammate_editing_at_checkout(remote, origin, tmp_path / "carol", **{"train.lr": 0.01})
     dvc(carol, "pull")
-    set_params(carol, **{"train.lr": 0.01})
     assert stages_run(dvc(carol, "repro")) == ["train", "evaluate"]
     commit_and_push(carol, "train with lr 0.01", branch="lr-0.01")
     dvc(carol, "push")
