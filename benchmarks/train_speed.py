@@ -156,6 +156,7 @@ def floor(library: str) -> dict:
     threads spin and would slow the other's, and takes the faster for each product: the hardware's floor,
     not the project's products."""
     import torch  # first, see above
+    from threadpoolctl import threadpool_limits
 
     from stages.core.runtime import resolve_threads
     from stages.core.splits import load_split
@@ -175,8 +176,6 @@ def floor(library: str) -> dict:
     else:  # numpy's OpenBLAS, on numpy arrays that share the tensors' memory; x.T @ g is its faster order here
         parts, w = [(x.numpy(), g.numpy()) for x, g in parts], weight.numpy()
         products = {"forward_s": lambda x, g: x @ w.T, "gradient_s": lambda x, g: (x.T @ g).T}
-    from threadpoolctl import threadpool_limits  # imported after numpy, so that it sees numpy's OpenBLAS
-
     result = {"note": f"batch {params.batch_size}, {threads} thread(s)"}
     with threadpool_limits(limits=threads, user_api="blas"):
         for name, product in products.items():
