@@ -98,19 +98,19 @@ def out_of_memory(error: BaseException) -> str | None:
     """`out of memory (tried to allocate 9.0 GiB)` when `error` is running out of memory; None otherwise.
 
     Torch raises OutOfMemoryError for a GPU, but a plain RuntimeError when its CPU allocator is refused
-    (torch 2.14), which only its message tells apart.
+    (torch 2.14), which only its message tells apart; numpy raises MemoryError (`Unable to allocate 9. GiB`).
     """
-    if isinstance(error, MemoryError):
-        return "out of memory"
     text = str(error)
-    if type(error).__name__ != "OutOfMemoryError" and not (
-        isinstance(error, RuntimeError) and "can't allocate memory" in text
+    if not (
+        isinstance(error, MemoryError)
+        or type(error).__name__ == "OutOfMemoryError"
+        or (isinstance(error, RuntimeError) and "can't allocate memory" in text)
     ):
         return None
-    size = re.search(r"(?i)tried to allocate ([\d.]+) ?(bytes|[KMGT]iB)", text)
+    size = re.search(r"(?i)(?:tried|unable) to allocate ([\d.]+) ?(bytes|[KMGTPE]iB)", text)
     if size is None:
         return "out of memory"
-    amount = float(size[1]) * 1024 ** ("bytes", "KiB", "MiB", "GiB", "TiB").index(size[2]) / 2**30
+    amount = float(size[1]) * 1024 ** ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB").index(size[2]) / 2**30
     return f"out of memory (tried to allocate {amount:.2f} GiB)"
 
 

@@ -218,6 +218,13 @@ def test_a_gpu_out_of_memory_is_the_same_line_as_the_cpus() -> None:
     assert cli.out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
 
 
+def test_numpys_out_of_memory_names_its_size() -> None:
+    """The pinned products allocate their results with numpy, whose MemoryError says the size its own way."""
+    with pytest.raises(MemoryError) as error:
+        np.empty(2**62, np.uint8)  # 4 EiB: more than any machine's address space
+    assert cli.out_of_memory(error.value) == "out of memory (tried to allocate 4294967296.00 GiB)"
+
+
 # Out of memory: a batch that cannot fit names its key. The limit is on the address space (RLIMIT_AS): the
 # peak of a run with small batches, plus room for a batch of 10 but not for one of hundreds of images
 # through a convolution 256 channels wide (each such activation of 200 images is 160 MB).
