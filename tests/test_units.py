@@ -154,6 +154,33 @@ def test_the_pinned_products_are_the_same_bytes_at_any_thread_count() -> None:
     assert openblas and all(info["num_threads"] == 1 for info in openblas), openblas
 
 
+# A product on two threads under an address-space limit that leaves room for its result but not for an
+# OpenBLAS buffer (32 MB) or a thread's stack (8 MB).
+AFTER_SET_THREADS = """
+import resource
+import numpy as np
+from stages.core import products
+products.set_threads(2)
+a, b = np.ones((20000, 144), np.float32), np.ones((144, 32), np.float32)
+size = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmSize")) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (size + 6 * 2**20, resource.getrlimit(resource.RLIMIT_AS)[1]))
+for _ in range(20):
+    assert (products.matmul(a, b) == 144).all()
+"""
+
+
+def test_after_set_threads_a_product_maps_no_memory_but_its_result() -> None:
+    """OpenBLAS exits the process when it cannot map a buffer; mapped at start-up, a batch too large for
+    the memory fails later where it raises (tests/test_machine_faults.py shows the stage's line)."""
+    result = subprocess.run(
+        [sys.executable, "-c", AFTER_SET_THREADS],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert result.returncode == 0, result.stderr
+
+
 def test_auto_threads_are_the_cores_this_process_may_use() -> None:
     cores = len(os.sched_getaffinity(0))
     assert available_cores() == cores

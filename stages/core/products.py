@@ -11,6 +11,7 @@ the numpy inference path computes the very same products as the model.
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -22,16 +23,33 @@ TASK_FLOP = 1 << 24
 MIN_ROWS, MAX_ROWS = 256, 8192  # the cap: a thin product (the first convolution's 9 x 16) still splits
 ROW_ALIGN = 64
 NARROW = 16  # fewer result rows than the AVX2 kernel's 16-row tile fill its registers poorly
+WARM_SIDE = 256  # a product this large takes OpenBLAS's buffered path on every CPU (no small-matrix kernel)
 
 _pool: ThreadPoolExecutor | None = None
 
 
 def set_threads(count: int) -> None:
-    """Run the tasks of each product on `count` threads (1: in the calling thread); never changes the bytes."""
+    """Run the tasks of each product on `count` threads (1: in the calling thread); never changes the bytes.
+
+    The threads start here and each runs one product at once with the others: OpenBLAS maps a buffer
+    (32 MB of address space) for each product running at the same time, the first time that many do,
+    and exits the process when it cannot. Mapped now, a batch too large for the memory fails later in an
+    allocation that raises, which the stage reports as one line naming its batch size.
+    """
     global _pool
     if _pool is not None:
         _pool.shutdown()
     _pool = ThreadPoolExecutor(count, thread_name_prefix="product") if count > 1 else None
+    one_blas_thread()
+    warm_product()
+    if _pool is not None:
+        together = threading.Barrier(count)
+        list(_pool.map(lambda _: (together.wait(), warm_product()), range(count)))
+
+
+def warm_product() -> None:
+    square = np.ones((WARM_SIDE, WARM_SIDE), np.float32)
+    np.matmul(square, square)
 
 
 def threads() -> int:
