@@ -7,7 +7,8 @@ Run by hand after `dvc repro` (it reads data/raw and data/processed), never in C
 (a) the tutorial: torchvision's FashionMNIST over the raw IDX files, ToTensor, a DataLoader of batch 100,
     a logreg trained by SGD; (b) this project's `fit` with the train params of params.yaml;
 (b') the same without the numerics pin (the CPU's own kernels); (c) scikit-learn's LogisticRegression
-(lbfgs) on the same standardised pixels; (f) the floor of (b)'s epoch, its matrix products alone. Each
+(lbfgs) on the same standardised pixels; (e) eager PyTorch's own loop over the same batches, nothing but
+its four calls a step; (f) the floor of (b)'s epoch, its matrix products alone. Each
 variant runs in its own child process, so its peak memory (max RSS) is its own; all run in this one
 invocation, so the ratios compare like with like on a busy machine.
 
@@ -148,6 +149,48 @@ def project(pinned: bool = True, ladder: bool = True, threads: int | None = None
     }
 
 
+def eager(pinned: bool = False) -> dict:
+    """(e) What eager PyTorch itself takes for (b)'s epoch of work on this machine: the textbook step
+    (nn.Linear, F.cross_entropy, zero_grad, backward, fused Adam) over (b)'s batches of pixels already
+    normalised to float, in order, on its threads, nothing pinned (torch loads before `stages`, as in (f)).
+    No schedule, shuffling, validation or accuracy: a lower bound for any loop built on torch's autograd
+    and optimizers, and (e)/(f) what the floor target asks of eager PyTorch. Best of 5 passes after one.
+
+    (e') the same under the pin, as (b) runs: ATen's AVX2 kernels, and torch's own ops on one thread
+    (their reductions' bytes depend on the count: `set_cpu_threads`)."""
+    if pinned:
+        import stages  # noqa: F401  (first: importing the package pins the numerics before torch loads)
+    import torch
+    import torch.nn.functional as F
+
+    from stages.core.runtime import resolve_threads, set_cpu_threads
+    from stages.core.splits import load_split, read_meta
+    from stages.params import load_section
+    from stages.train import TrainParams
+
+    params = load_section(Path("params.yaml"), "train", TrainParams)
+    threads = resolve_threads(params.threads)
+    set_cpu_threads(threads) if pinned else torch.set_num_threads(threads)
+    meta = read_meta(PROCESSED)
+    images, labels = load_split(PROCESSED, "train", torch.device("cpu"))
+    pixels = (images.flatten(1).float() / 255 - meta.mean) / meta.std  # (N, 784)
+    batches = list(zip(pixels.split(params.batch_size), labels.split(params.batch_size), strict=True))
+    torch.manual_seed(params.seed)
+    model = torch.nn.Linear(pixels.shape[1], len(meta.classes))
+    optimizer = torch.optim.Adam(model.parameters(), lr=params.lr, fused=True)
+    runs = []
+    for _ in range(6):  # the first pass warms the caches, the allocator and the optimizer's state
+        start = time.perf_counter()
+        for x, y in batches:
+            loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        runs.append(time.perf_counter() - start)
+    setup = f"torch threads {torch.get_num_threads()}, cpu_capability {torch.backends.cpu.get_cpu_capability()}"
+    return {"epoch_s": min(runs[1:]), "note": f"batch {params.batch_size}, {setup}, fused Adam"}
+
+
 def floor(library: str) -> dict:
     """(f) The floor of (b)'s epoch: its matrix products alone, on its threads and at its batch size: for
     each batch, the forward (B, 784) @ (784, 10) and the weight gradient (10, B) @ (B, 784), by `library`
@@ -257,6 +300,7 @@ def main() -> None:
         "(b') unpinned": run_isolated(project, pinned=False),
         "(c) sklearn": run_isolated(sklearn),
     }
+    e, e_pinned = run_isolated(eager), run_isolated(eager, pinned=True)
     floors = [run_isolated(floor, library=library) | {"library": library} for library in ("MKL", "OpenBLAS")]
     fastest = {product: min(floors, key=lambda f: f[product]) for product in ("forward_s", "gradient_s")}
     f = {
@@ -268,9 +312,13 @@ def main() -> None:
     for name, r in results.items():
         to_target = f"{r['to_target_s']:.2f}" if r["to_target_s"] is not None else "not reached"
         print(f"{name:14s} {r['epoch_s']:9.3f} {to_target:>10s} {r['accuracy']:9.4f} {r['peak_mb']:8.0f}  {r['note']}")
+    print(f"(e) eager      {e['epoch_s']:9.3f}  eager PyTorch's own step alone, {e['note']}")
+    print(f"(e') pinned    {e_pinned['epoch_s']:9.3f}  the same under the pin, {e_pinned['note']}")
     print(f"(f) floor      {f['epoch_s']:9.3f}  the epoch's matrix products alone, {f['note']}")
     a, b, unpinned, c = results.values()
     print(f"epoch time (b)/(f), the project's epoch over its floor: {b['epoch_s'] / f['epoch_s']:.1f}x  (target <= 2x)")
+    print(f"epoch time (e)/(f), eager PyTorch's own step over that floor: {e['epoch_s'] / f['epoch_s']:.1f}x")
+    print(f"epoch time (e')/(f), the same under the pin: {e_pinned['epoch_s'] / f['epoch_s']:.1f}x")
     print(f"epoch time (a)/(b), the tutorial over the project: {a['epoch_s'] / b['epoch_s']:.1f}x  (target >= 40x)")
     print(f"epoch time (b)/(b'), the price of pinned numerics: {b['epoch_s'] / unpinned['epoch_s']:.2f}x")
     if b["to_target_s"] and c["to_target_s"]:
