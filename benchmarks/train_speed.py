@@ -8,7 +8,8 @@ Run by hand after `dvc repro` (it reads data/raw and data/processed), never in C
     a logreg trained by SGD; (b) this project's `fit` with the train params of params.yaml;
 (b') the same without the numerics pin (the CPU's own kernels); (c) scikit-learn's LogisticRegression
 (lbfgs) on the same standardised pixels; (e) eager PyTorch's own loop over the same batches, nothing but
-its four calls a step; (f) the floor of (b)'s epoch, its matrix products alone. Each
+its four calls a step, and (e') the same under the pin; (f) the floor of (b)'s epoch, its matrix products
+alone. Each
 variant runs in its own child process, so its peak memory (max RSS) is its own; all run in this one
 invocation, so the ratios compare like with like on a busy machine.
 
@@ -26,6 +27,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from benchmarks.isolated import run_isolated
@@ -170,7 +172,10 @@ def eager(pinned: bool = False) -> dict:
 
     params = load_section(Path("params.yaml"), "train", TrainParams)
     threads = resolve_threads(params.threads)
-    set_cpu_threads(threads) if pinned else torch.set_num_threads(threads)
+    if pinned:
+        set_cpu_threads(threads)
+    else:
+        torch.set_num_threads(threads)
     meta = read_meta(PROCESSED)
     images, labels = load_split(PROCESSED, "train", torch.device("cpu"))
     pixels = (images.flatten(1).float() / 255 - meta.mean) / meta.std  # (N, 784)
@@ -178,17 +183,16 @@ def eager(pinned: bool = False) -> dict:
     torch.manual_seed(params.seed)
     model = torch.nn.Linear(pixels.shape[1], len(meta.classes))
     optimizer = torch.optim.Adam(model.parameters(), lr=params.lr, fused=True)
-    runs = []
-    for _ in range(6):  # the first pass warms the caches, the allocator and the optimizer's state
-        start = time.perf_counter()
+
+    def epoch() -> None:
         for x, y in batches:
             loss = F.cross_entropy(model(x), y)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-        runs.append(time.perf_counter() - start)
+
     setup = f"torch threads {torch.get_num_threads()}, cpu_capability {torch.backends.cpu.get_cpu_capability()}"
-    return {"epoch_s": min(runs[1:]), "note": f"batch {params.batch_size}, {setup}, fused Adam"}
+    return {"epoch_s": fastest_pass(epoch), "note": f"batch {params.batch_size}, {setup}, fused Adam"}
 
 
 def floor(library: str) -> dict:
@@ -222,14 +226,25 @@ def floor(library: str) -> dict:
     result = {"note": f"batch {params.batch_size}, {threads} thread(s)"}
     with threadpool_limits(limits=threads, user_api="blas"):
         for name, product in products.items():
-            runs = []
-            for _ in range(6):  # the first pass warms the caches and the thread pool
-                start = time.perf_counter()
+
+            def one_pass(product=product) -> None:  # each result freed at once, as in a training step
                 for x, g in parts:
                     product(x, g)
-                runs.append(time.perf_counter() - start)
-            result[name] = min(runs[1:])
+
+            result[name] = fastest_pass(one_pass)
     return result
+
+
+def fastest_pass(work: Callable[[], object]) -> float:
+    """Seconds of the fastest of 5 timed calls of `work`, after one that warms the caches, the allocator,
+    the thread pool and an optimizer's state."""
+    work()
+    runs = []
+    for _ in range(5):
+        start = time.perf_counter()
+        work()
+        runs.append(time.perf_counter() - start)
+    return min(runs)
 
 
 def sklearn() -> dict:
