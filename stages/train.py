@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from stages.cli import StageError, argument_parser, explained, memory_set_by, numerics_in_effect, run, warn
-from stages.core.artifacts import atomic_directory, copy_folder, named_as
+from stages.core.artifacts import atomic_directory, copy_folder, named_as, remove_stale_temporaries_below
 from stages.core.curves import write_curves
 from stages.core.distributed import (
     ONE_NODE,
@@ -116,6 +116,8 @@ def epoch_log(folder: Path, live_folder: Path | None, epochs: int, device: str) 
     folder DVC never deletes (not an output, so train's run-cache stays on), and are copied at the end.
     """
     history: list[dict[str, float]] = []
+    if live_folder:  # a killed run's half-written curves there would be copied into the model's folder
+        remove_stale_temporaries_below(live_folder)
 
     def report(log: EpochLog) -> None:
         history.append(log.metrics)

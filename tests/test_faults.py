@@ -276,6 +276,21 @@ def test_stage_removes_only_its_own_dead_temporaries(project: Path, tmp_path: Pa
     assert (tmp_path / "models" / "model.json").is_file()
 
 
+def test_a_killed_runs_half_written_curve_is_not_copied_into_the_model(project: Path, tmp_path: Path) -> None:
+    # The live folder outlives its runs: a run killed between creating a curve's temporary and renaming it
+    # leaves the temporary there, and the next run copies that folder into the model's.
+    curves = project / "dvclive" / "plots" / "metrics" / "val"
+    curves.mkdir(parents=True, exist_ok=True)
+    stale = curves / f".tmp-loss.tsv.{dead_pid()}.zyxwvuts"
+    stale.write_text("")
+    command = stage_command(project, "train")
+    command[command.index("--out") + 1] = str(tmp_path / "models")
+    run(project, *command)
+    assert not stale.exists()
+    assert not list((tmp_path / "models").rglob(".tmp-*"))
+    assert (tmp_path / "models" / "training" / "plots" / "metrics" / "val" / "loss.tsv").is_file()
+
+
 # (8) Small ones.
 def test_help_names_the_command_a_user_types(project: Path) -> None:
     for stage in ("download", "preprocess", "train", "evaluate"):

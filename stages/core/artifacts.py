@@ -18,7 +18,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -192,7 +192,12 @@ def _put_back_interrupted(path: Path) -> None:
 def _temporary_of(name: str) -> re.Pattern:
     """The names of the temporaries for the output `name` (TEMP_PREFIX), and of the old folders the fallback
     set aside; group 1 is the writer's pid."""
-    return re.compile(rf"{re.escape(TEMP_PREFIX + name)}\.(\d+)\.[a-z0-9_]{{8}}(?:{re.escape(_PREVIOUS)})?")
+    return _temporaries_named(re.escape(name))
+
+
+def _temporaries_named(name: str) -> re.Pattern:
+    """`_temporary_of` for the outputs whose names match the regular expression `name`."""
+    return re.compile(rf"{re.escape(TEMP_PREFIX)}{name}\.(\d+)\.[a-z0-9_]{{8}}(?:{re.escape(_PREVIOUS)})?")
 
 
 def _umask() -> int:
@@ -203,9 +208,18 @@ def _umask() -> int:
 
 def remove_stale_temporaries(folder: Path, name: str) -> None:
     """Delete the temporaries for `name` in `folder` whose writing process is gone (a killed run's)."""
-    ours = _temporary_of(name)
-    for leftover in folder.glob(f"{glob.escape(TEMP_PREFIX + name)}.*"):
-        match = ours.fullmatch(leftover.name)
+    _remove_stale(folder.glob(f"{glob.escape(TEMP_PREFIX + name)}.*"), _temporary_of(name))
+
+
+def remove_stale_temporaries_below(folder: Path) -> None:
+    """Delete every temporary in `folder` and its subfolders whose writing process is gone: for a folder that
+    outlives its runs, whose files a later run copies on."""
+    _remove_stale(list(folder.rglob(f"{glob.escape(TEMP_PREFIX)}*")), _temporaries_named(".+"))
+
+
+def _remove_stale(candidates: Iterable[Path], temporaries: re.Pattern) -> None:
+    for leftover in candidates:
+        match = temporaries.fullmatch(leftover.name)
         if match is None or _is_running(int(match[1])):
             continue
         if leftover.is_dir() and not leftover.is_symlink():
