@@ -117,8 +117,9 @@ def cnn_epoch(pinned: bool, threads: int, images: int) -> dict:
     from torch import nn
 
     from stages.core.contract import Architecture
+    from stages.core.distributed import SINGLE
     from stages.core.runtime import make_deterministic, set_cpu_threads
-    from stages.core.training import batches, epoch_order, make_optimizer
+    from stages.core.training import epoch_order, gathered, make_optimizer
 
     make_deterministic()
     generator = torch.Generator().manual_seed(0)
@@ -153,10 +154,10 @@ def cnn_epoch(pinned: bool, threads: int, images: int) -> dict:
             nn.Linear(128, 10),
         )
     optimizer = make_optimizer("adam", model.parameters(), lr=0.005, momentum=0.0, weight_decay=0.0)
-    order = epoch_order(images, torch.Generator().manual_seed(0), torch.device("cpu"))
+    batches = epoch_order(images, torch.Generator().manual_seed(0), torch.device("cpu")).split(CNN_BATCH)
     model.train()
     start, start_cpu = time.perf_counter(), cpu_seconds()
-    for inputs, targets, _ in batches(pixels, labels, order, CNN_BATCH):
+    for inputs, targets in gathered(pixels, labels, batches, SINGLE):
         loss = F.cross_entropy(model(inputs), targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
