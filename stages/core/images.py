@@ -21,15 +21,22 @@ from PIL import Image, ImageFilter, ImageOps
 
 from stages.core.datasets import Frame
 
-# How a file announces what it is; content decides, not the extension.
+# How a file announces what it is; content decides, not the extension. The pictures are the formats of
+# torchvision's IMG_EXTENSIONS that PIL decodes (PGM is PIL's PPM format; WebP is checked apart: its
+# signature has the file's size in the middle).
 SIGNATURES = {
     b"\x89PNG\r\n\x1a\n": "png",
     b"\xff\xd8\xff": "jpeg",
+    b"BM": "bmp",
+    b"II*\x00": "tiff",
+    b"MM\x00*": "tiff",
+    **{f"P{kind}".encode(): "ppm" for kind in "123456"},  # netpbm: bitmap, grey, colour; ASCII or binary
     b"\x93NUMPY": "npy",
     b"\x00\x00\x08": "idx",  # unsigned-byte IDX, the only element type of MNIST-family files
     b"\x1f\x8b": "gzip",
 }
-READABLE = "PNG, JPEG, .npy (uint8, HxW or NxHxW) or IDX"
+PICTURES = ("png", "jpeg", "bmp", "tiff", "ppm", "webp")
+READABLE = "PNG, JPEG, BMP, TIFF, PPM/PGM, WebP, .npy (uint8, HxW or NxHxW) or IDX"
 LIGHT = 128  # a corner luma at least this is a light background: the picture is inverted
 # An enlarged image is given back by enlarging its own reduction to within this RMS (grey levels): the
 # rounding of an 8-bit enlargement is at most 0.5, and a photograph's detail and noise at the scale of
@@ -110,6 +117,8 @@ def read_file(path: Path) -> tuple[bytes, str | None]:
         data = path.read_bytes()
     except OSError as error:
         raise UnreadableInput(f"cannot read: {error.strerror}") from None
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return data, "webp"
     return data, next((kind for magic, kind in SIGNATURES.items() if data.startswith(magic)), None)
 
 
