@@ -15,7 +15,16 @@ from pathlib import Path
 
 import torch
 
-from stages.cli import StageError, argument_parser, explained, memory_set_by, numerics_in_effect, run, warn
+from stages.cli import (
+    StageError,
+    argument_parser,
+    explained,
+    memory_set_by,
+    numerics_in_effect,
+    run,
+    warn,
+    when_interrupted,
+)
 from stages.core.artifacts import atomic_directory, copy_folder, named_as, remove_stale_temporaries_below
 from stages.core.curves import write_curves
 from stages.core.distributed import (
@@ -36,6 +45,7 @@ from stages.core.resume import Checkpoint, input_key
 from stages.core.runtime import (
     autocast_for,
     available_cores,
+    check_memory,
     make_deterministic,
     resolve_device,
     resolve_threads,
@@ -73,6 +83,10 @@ def main() -> None:
     threads = threads_here(params, world, nodes)
     if world is None and params.processes > 1:
         read_meta(args.data)  # a missing input is one line from here, before any process starts
+        with explained("train.processes", fix="lower train.processes"):
+            check_memory(params.processes // nodes.count, sum(path.stat().st_size for path in args.data.iterdir()))
+        if args.resume:
+            when_interrupted(lambda: "the next run continues after the last epoch the processes finished")
         launch(params.processes, ["-m", "stages.train", *sys.argv[1:]], nodes, args.peer_timeout)
         return
     world = world or SINGLE  # decided here, once: the loop below only wraps the model and shards each batch
@@ -213,6 +227,7 @@ def open_checkpoint(
     if folder is None or world.rank > 0:
         return None, None
     checkpoint = Checkpoint(folder / input_key(params.model_dump(mode="json"), data))
+    when_interrupted(checkpoint.next_run)
     resume = checkpoint.load()
     if resume:
         print(
@@ -225,7 +240,8 @@ def threads_here(params: TrainParams, world: World | None, nodes: Nodes) -> int:
     """The CPU threads of each process on this machine; the first process here warns when they outnumber
     its cores."""
     local_processes = world.local_size if world else params.processes // nodes.count
-    threads = resolve_threads(params.threads, local_processes)
+    with explained("train.threads"):
+        threads = resolve_threads(params.threads, local_processes)
     if world is None or world.local_rank == 0:
         warn_if_oversubscribed(threads, local_processes)
     return threads

@@ -159,8 +159,8 @@ def test_bad_folders_are_one_line_each(tiny_project: Path, tmp_path: Path) -> No
     result = download(tiny_project)
     assert result.returncode == 1
     assert result.stderr == (
-        f"download: error: data.dataset: {root}/test/Coat: no pictures (.jpg .jpeg .png .ppm .bmp .pgm .tif .tiff .webp) in this class folder; "
-        "add some or remove it\n"
+        f"download: error: data.dataset: {root}/test/Coat: no pictures (.jpg .jpeg .png .ppm .bmp .pgm .tif .tiff "
+        ".webp) in this class folder; add some or remove it\n"
     )
     set_params(tiny_project, **{"data.dataset": str(tmp_path / "missing")})
     result = download(tiny_project)

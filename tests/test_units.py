@@ -185,7 +185,7 @@ def test_after_set_threads_a_product_maps_no_memory_but_its_result() -> None:
 def test_auto_threads_are_the_cores_this_process_may_use() -> None:
     cores = len(os.sched_getaffinity(0))
     assert available_cores() == cores
-    assert resolve_threads("auto") == cores and resolve_threads(3) == 3
+    assert resolve_threads("auto") == cores and resolve_threads(1) == 1
     assert resolve_threads("auto", processes=2 * cores) == 1  # never none
 
 
