@@ -96,6 +96,17 @@ class Stopped(BaseModel):
     reason: str
 
 
+class OnnxRecord(BaseModel):
+    """The network as ONNX, beside the weights (stages/core/export.py): what ONNX Runtime runs, anywhere."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    file: str
+    opset: int  # ONNX's operator set: a runtime must have it
+    input: str  # its one input: uint8 images (batch, H, W), pixels 0-255, framed as the dataset's
+    output: str  # its one output: float32 logits (batch, classes), in the order of the card's classes
+
+
 class Card(BaseModel):
     """model.json: what the model is, what it was trained on and how."""
 
@@ -112,6 +123,8 @@ class Card(BaseModel):
     # How the dataset's pictures were framed, when it is a folder of pictures (a registered dataset's frame is
     # in stages/datasets.yaml): predict frames a new picture the same way.
     frame: FrameRecord | None = None
+    # Absent for a model trained before train exported ONNX, or one whose network ONNX cannot express.
+    onnx: OnnxRecord | None = None
 
     @model_validator(mode="after")
     def _one_name_per_output(self) -> Card:

@@ -11,11 +11,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnxruntime
 
 from stages.core import products
 from stages.core.artifacts import read_tensors
 from stages.core.contract import Card, check_images, check_weights, expected_weights, read_card
 from stages.core.files import WEIGHTS
+
+QUIET = 4  # ONNX Runtime logs only what is fatal: its errors come back as exceptions, which name the file
 
 
 class NumpyClassifier:
@@ -75,6 +78,19 @@ def load_classifier(folder: Path) -> tuple[NumpyClassifier | TorchClassifier, Ca
         found={name: (str(array.dtype), array.shape) for name, array in weights.items()},
     )
     return NumpyClassifier(card, weights), card
+
+
+def session_for(data: bytes) -> onnxruntime.InferenceSession:
+    """An ONNX Runtime session of the file's bytes, on the CPU, that logs nothing: its errors are exceptions."""
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = QUIET
+    return onnxruntime.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+
+
+def runtime_error(error: Exception) -> str:
+    """ONNX Runtime's message in one line, without its codes: `[ONNXRuntimeError] : 7 : INVALID_PROTOBUF : Failed
+    to load model because protobuf parsing failed.` -> `Failed to load model because protobuf parsing failed`."""
+    return str(error).split(" : ", 3)[-1].splitlines()[0].strip().rstrip(".")
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
