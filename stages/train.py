@@ -20,10 +20,19 @@ from stages.core.distributed import SINGLE, World, from_rank_zero, joined
 from stages.core.files import TRAINING_LOG
 from stages.core.model import Card, architecture_for, init_model, save_model
 from stages.core.resume import Checkpoint, input_key
-from stages.core.runtime import check_memory, make_deterministic, set_cpu_threads
+from stages.core.runtime import make_deterministic, set_cpu_threads
 from stages.core.splits import load_split, read_meta
 from stages.core.training import EpochLog, TrainConfig, TrainState, fit
-from stages.launcher import device_here, guard_worker, launch, nodes_of, record_failure, threads_here, world_of
+from stages.launcher import (
+    device_here,
+    fits_in_memory,
+    guard_worker,
+    launch,
+    nodes_of,
+    record_failure,
+    threads_here,
+    world_of,
+)
 from stages.params import Params, check_device, load_section, require
 
 
@@ -53,11 +62,7 @@ def main() -> None:
     device = device_here(params.device, params.precision, params.processes, world, nodes)
     threads = threads_here(params.threads, params.processes, world, nodes)
     if world is None and params.processes > 1:
-        read_meta(args.data)  # a missing input is one line from here, before any process starts
-        with explained("train.processes", fix="lower train.processes"):
-            check_memory(params.processes // nodes.count, sum(path.stat().st_size for path in args.data.iterdir()))
-        if args.resume:
-            when_interrupted(lambda: "the next run continues after the last epoch the processes finished")
+        fits_in_memory(params.processes // nodes.count, read_meta(args.data))  # one line, before any process starts
         launch(params.processes, ["-m", "stages.train", *sys.argv[1:]], nodes, args.peer_timeout)
         return
     world = world or SINGLE  # decided here, once: the loop below only wraps the model and shards each batch
