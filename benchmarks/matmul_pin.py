@@ -6,23 +6,24 @@ Run by hand, never in CI (no data needed):
     python -m benchmarks.matmul_pin [--threads 2] [--images 55000] [--rounds 5]
 
 (1) Each matrix product of a training step of the three models at their recipes' batch sizes (the cnn's
-    convolutions as the products Conv3x3 computes: forward, input gradient, weight gradient; the linear
+    convolutions as 3x3-patch products: forward, input gradient, weight gradient; the linear
     layers' likewise), computed by stages/core/products.py on `--threads` threads with OpenBLAS pinned to
     Haswell, against torch's own matmul on as many threads with nothing pinned (MKL's own choice of
     kernels and thread split). Per product, the fastest of `--rounds` rounds, in wall-clock and in CPU
     seconds (all threads together: on a busy machine wall-clock times are the other processes' as much
     as these, CPU seconds much less); the ratios are pinned / unpinned (target <= 1.15).
-(2) One epoch of the cnn recipe as the train stage runs it (ConvNet: Conv3x3 through the pinned
-    products, torch's own ops on one thread), against the same architecture written as plain PyTorch
-    (nn.Conv2d on NCHW maps, nn.Linear, torch's own kernels on `--threads` threads, nothing pinned), on
-    random images of Fashion-MNIST's size: same batches, same fused Adam. The ratios, wall-clock and CPU,
-    are pinned / plain (target <= 1.0).
+(2) One epoch of the cnn recipe as the train stage runs it (the plain torch.nn CNN under
+    stages.core.pinning's context, each batch normalised ahead on the gather thread), against the same
+    architecture written as plain PyTorch (nn.Conv2d on NCHW maps, nn.Linear, torch's own kernels on
+    `--threads` threads, nothing pinned), on random images of Fashion-MNIST's size: same batches, same
+    fused Adam. The ratios, wall-clock and CPU, are pinned / plain (target <= 1.0).
 Each variant runs in its own fresh process: the pin must be set before torch and numpy load.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
 import resource
@@ -116,7 +117,7 @@ def product_times(pinned: bool, threads: int, rounds: int) -> dict:
 
 
 def cnn_epoch(pinned: bool, threads: int, images: int) -> dict:
-    """Seconds for one epoch of the cnn recipe's architecture: ConvNet pinned, or plain PyTorch unpinned."""
+    """Seconds for one epoch of the cnn recipe's architecture: the train stage's, pinned, or plain PyTorch unpinned."""
     torch = load_torch(pinned)
     import torch.nn.functional as F
     from torch import nn
@@ -130,14 +131,17 @@ def cnn_epoch(pinned: bool, threads: int, images: int) -> dict:
     generator = torch.Generator().manual_seed(0)
     pixels = torch.randint(0, 256, (images, 28, 28), dtype=torch.uint8, generator=generator)
     labels = torch.randint(0, 10, (images,), generator=generator)
+    pin = contextlib.nullcontext()
     if pinned:
-        from stages.core.model import ConvNet
+        from stages.core.model import build_model
+        from stages.core.pinning import pinned_cpu
 
         set_cpu_threads(threads)
         architecture = Architecture(
             model="cnn", hidden=(128,), image_shape=(28, 28), num_classes=10, mean=0.29, std=0.35, channels=(16, 32)
         )
-        model = ConvNet(architecture)
+        wrapped = build_model(architecture)
+        model, normalise, pin = wrapped.net, wrapped.normalise, pinned_cpu()
     else:
         torch.set_num_threads(threads)
 
@@ -158,15 +162,17 @@ def cnn_epoch(pinned: bool, threads: int, images: int) -> dict:
             nn.ReLU(),
             nn.Linear(128, 10),
         )
+        normalise = lambda images, out: images  # noqa: E731  (the model normalises: plain PyTorch's way)
     optimizer = make_optimizer("adam", model.parameters(), lr=0.005, momentum=0.0, weight_decay=0.0)
     batches = epoch_order(images, torch.Generator().manual_seed(0), torch.device("cpu")).split(CNN_BATCH)
     model.train()
     start, start_cpu = time.perf_counter(), cpu_seconds()
-    for inputs, targets in gathered(pixels, labels, batches, SINGLE):
-        loss = F.cross_entropy(model(inputs), targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    with pin:
+        for inputs, targets in gathered((pixels, labels), batches, SINGLE, normalise):
+            loss = F.cross_entropy(model(inputs), targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
     return {"wall": time.perf_counter() - start, "cpu": cpu_seconds() - start_cpu}
 
 

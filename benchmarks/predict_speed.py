@@ -9,7 +9,7 @@ Run by hand, never in CI, from the project root after `dvc repro` (it reads mode
 - throughput: the 10,000 test images, each a 28x28 PNG in one folder, through `predict_files` in this
   process after the imports and the model load (start-up excluded), and the same folder, and one IDX
   file of them, through the command line ((whole run - cold run) as the cross-check);
-- predict's numpy model against the torch Classifier on the 10,000 test images;
+- predict's numpy model against the torch model on the 10,000 test images;
 - the decoder choice: in fresh processes that have imported torch, what `from PIL import Image` and
   `import torchvision.io` add to start-up.
 """
@@ -98,7 +98,7 @@ def main() -> None:
         idx_in_process = time.perf_counter() - start
         assert len(rows) == n and not failures
 
-    # What predict computes (numpy) against the Classifier (torch), on the whole test set.
+    # What predict computes (numpy) against the torch model, on the whole test set.
     torch_model, _ = load_model(MODELS)
     with torch.no_grad():
         expected = torch_model(images).numpy()
@@ -123,7 +123,7 @@ def main() -> None:
         f"torch), after start-up {idx_in_process:.2f} s, {n / idx_in_process:,.0f} images/s"
     )
     print(
-        f"numpy logits vs the torch Classifier, 10,000 test images: max |difference| {difference:.1e}, "
+        f"numpy logits vs the torch model, 10,000 test images: max |difference| {difference:.1e}, "
         f"same class for {agree:.2%}"
     )
     pil, torchvision = import_cost("from PIL import Image, ImageFilter, ImageOps"), import_cost("import torchvision.io")

@@ -23,7 +23,7 @@ from stages.core.contract import Card, ImageInputError
 from stages.core.datasets import load_registry
 from stages.core.images import fit_picture
 from stages.core.inference import load_classifier
-from stages.core.model import Classifier, architecture_for, build_model, load_model, save_model
+from stages.core.model import architecture_for, build_model, load_model, save_model
 from stages.core.splits import Meta
 
 CLASSES = tuple(f"class {k}" for k in range(10))
@@ -38,7 +38,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     architecture = architecture_for("logreg", (), META)
     save_model(
-        folder, Classifier(architecture), Card(architecture=architecture, classes=CLASSES, dataset="fashion-mnist")
+        folder, build_model(architecture), Card(architecture=architecture, classes=CLASSES, dataset="fashion-mnist")
     )
     return folder
 
@@ -235,7 +235,7 @@ def fashion_logreg(tmp_path_factory: pytest.TempPathFactory) -> Path:
     meta = Meta(dataset="fashion-mnist", classes=CLASSES, image_shape=(28, 28), sizes={"train": 1}, mean=mean, std=std)
     architecture = architecture_for("logreg", (), meta)
     torch.manual_seed(0)
-    model = Classifier(architecture)
+    model = build_model(architecture)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
     for _ in range(3):
         for batch in torch.randperm(len(images), generator=torch.Generator().manual_seed(0)).split(500):

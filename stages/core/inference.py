@@ -22,26 +22,25 @@ QUIET = 4  # ONNX Runtime logs only what is fatal: its errors come back as excep
 
 
 class NumpyClassifier:
-    """`Classifier` for inference: the same checks, the same logits (float32), numpy arrays in and out."""
+    """A linear model (logreg, mlp) for inference: the same checks and the same logits (float32) as the
+    torch model's pinned forward pass, numpy arrays in and out."""
 
     def __init__(self, card: Card, weights: dict[str, np.ndarray]) -> None:
         architecture = card.architecture
         self.image_shape = architecture.image_shape
-        # nn.Sequential's names: layers.0 (Linear), layers.1 (ReLU), layers.2 (Linear), ...
         count = len(expected_weights(architecture)) // 2
-        self.layers = [(weights[f"layers.{2 * i}.weight"], weights[f"layers.{2 * i}.bias"]) for i in range(count)]
+        self.layers = [(weights[f"net.layers.{i}.weight"], weights[f"net.layers.{i}.bias"]) for i in range(count)]
         self.scale = np.float32(1 / (255 * architecture.std))
         self.shift = np.float32(-architecture.mean / architecture.std)
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         """uint8 (B, H, W) -> float32 logits (B, classes)."""
         check_images(images, self.image_shape)
-        pixels = images.reshape(len(images), -1).astype(np.float32)  # (B, H*W) in 0..255
-        # Normalisation folded into the first layer, exactly as Classifier.forward does it.
-        (weight, bias), *rest = self.layers
-        hidden = products.matmul(pixels, weight.T) * self.scale + (bias + self.shift * weight.sum(1))
-        for weight, bias in rest:
-            hidden = products.matmul(np.maximum(hidden, 0), weight.T) + bias
+        hidden = images.reshape(len(images), -1).astype(np.float32) * self.scale + self.shift  # (B, H*W)
+        for index, (weight, bias) in enumerate(self.layers):
+            if index:
+                hidden = np.maximum(hidden, 0)
+            hidden = products.matmul(hidden, weight.T) + bias  # as the pin computes nn.Linear: product, then bias
         return hidden
 
 
