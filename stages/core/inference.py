@@ -46,8 +46,9 @@ class NumpyClassifier:
 
 
 class TorchClassifier:
-    """A cnn, run by torch behind NumpyClassifier's interface: convolutions are not worth a numpy copy here,
-    so only a cnn's predictions pay `import torch` (about 3 s of a cold start on the 2-core machine)."""
+    """A cnn or a network of the user's, run by torch behind NumpyClassifier's interface: convolutions are
+    not worth a numpy copy here, so only their predictions pay `import torch` (about 3 s of a cold start on
+    the 2-core machine)."""
 
     def __init__(self, folder: Path) -> None:
         from stages.core.model import load_model
@@ -67,7 +68,7 @@ class TorchClassifier:
 def load_classifier(folder: Path) -> tuple[NumpyClassifier | TorchClassifier, Card]:
     """The model in `folder`, its card and weights checked as `stages.core.model.load_model` checks them."""
     card = read_card(folder)
-    if card.architecture.model == "cnn":
+    if card.architecture.model not in ("logreg", "mlp"):
         return TorchClassifier(folder), card
     path = folder / WEIGHTS
     weights = read_tensors(path, "weights", numpy=True)
