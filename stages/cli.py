@@ -43,6 +43,8 @@ FIXES = {
     ("card", "outdated"): "rerun the train stage: dvc repro train",
     ("weights", "missing"): "rerun the train stage: dvc repro --force train",
     ("weights", "damaged"): "rerun the train stage: dvc repro --force train",
+    ("onnx", "missing"): "rerun the train stage: dvc repro --force train",
+    ("onnx", "damaged"): "rerun the train stage: dvc repro --force train",
     ("output", "unwritable"): "choose a writable --out",
 }
 
