@@ -13,37 +13,20 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import torch
+from torch import nn
 
-from stages.cli import StageError, argument_parser, explained, memory_set_by, numerics_in_effect, run, warn
+from stages.cli import argument_parser, explained, memory_set_by, numerics_in_effect, run, warn
 from stages.core.artifacts import atomic_directory, copy_folder, named_as, remove_stale_temporaries_below
 from stages.core.curves import write_curves
-from stages.core.distributed import (
-    ONE_NODE,
-    SINGLE,
-    Nodes,
-    World,
-    from_rank_zero,
-    guard_worker,
-    joined,
-    launch,
-    process_device,
-    world_from_environment,
-)
+from stages.core.distributed import SINGLE, World, from_rank_zero, joined
 from stages.core.export import save_with_onnx
 from stages.core.files import ONNX, TRAINING_LOG
 from stages.core.model import Card, architecture_for, init_model
 from stages.core.resume import Checkpoint, input_key
-from stages.core.runtime import (
-    autocast_for,
-    available_cores,
-    make_deterministic,
-    resolve_device,
-    resolve_threads,
-    set_cpu_threads,
-)
+from stages.core.runtime import make_deterministic, set_cpu_threads
 from stages.core.splits import load_split, read_meta
 from stages.core.training import EpochLog, TrainConfig, TrainState, fit
+from stages.launcher import device_here, guard_worker, launch, nodes_of, record_failure, threads_here, world_of
 from stages.params import Params, check_device, load_section, require
 
 
@@ -69,9 +52,9 @@ class TrainParams(Params, TrainConfig):
 def main() -> None:
     args = arguments()
     params = load_section(args.params, "train", TrainParams)
-    world, nodes = world_of(params), nodes_of(args.nodes, args.node_rank, args.rendezvous, params.processes)
-    device = place(params, world, nodes)
-    threads = threads_here(params, world, nodes)
+    world, nodes = world_of(params.processes), nodes_of(args.nodes, args.node_rank, args.rendezvous, params.processes)
+    device = device_here(params.device, params.precision, params.processes, world, nodes)
+    threads = threads_here(params.threads, params.processes, world, nodes)
     if world is None and params.processes > 1:
         read_meta(args.data)  # a missing input is one line from here, before any process starts
         launch(params.processes, ["-m", "stages.train", *sys.argv[1:]], nodes, args.peer_timeout)
@@ -108,7 +91,7 @@ def main() -> None:
         checkpoint.remove()
 
 
-def write_model(folder: Path, out: Path, model: torch.nn.Module, card: Card) -> None:
+def write_model(folder: Path, out: Path, model: nn.Module, card: Card) -> None:
     """The weights, the network as ONNX and the card into `folder` (`out` once switched in); a warning when ONNX
     cannot express the network."""
     unexported = save_with_onnx(folder, model, card)
@@ -168,51 +151,6 @@ def arguments() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def world_of(params: TrainParams) -> World | None:
-    """This process's place among the training processes (None: not started by torchrun or the launcher)."""
-    world = world_from_environment()
-    if world is not None and world.size != params.processes:
-        raise StageError(
-            f"train.processes: {params.processes}, but {world.size} processes were started (WORLD_SIZE); set "
-            f"train.processes: {world.size}, the processes on all machines together"
-        )
-    return world
-
-
-def nodes_of(count: int, rank: int, rendezvous: str | None, processes: int) -> Nodes:
-    """The machines of this run (--nodes, --node-rank, --rendezvous), checked against train.processes, all
-    their processes together, which they share evenly."""
-    if count < 1:
-        raise StageError(f"--nodes {count}: must be >= 1 (1 = this machine alone)")
-    if count == 1:
-        return ONE_NODE
-    if not 0 <= rank < count:
-        raise StageError(f"--node-rank {rank}: must be 0 .. {count - 1} (--nodes {count}); node 0 writes")
-    host, _, port = (rendezvous or "").rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise StageError(
-            f"--rendezvous {rendezvous or '(none)'}: --nodes {count} needs HOST:PORT, where node 0 listens "
-            "and the others connect (the same on every node)"
-        )
-    if processes % count:
-        raise StageError(
-            f"train.processes: {processes} processes cannot be shared evenly by --nodes {count}; set "
-            f"train.processes to a multiple of {count}, the processes on all nodes together"
-        )
-    return Nodes(count, rank, rendezvous)
-
-
-def place(params: TrainParams, world: World | None, nodes: Nodes) -> torch.device:
-    """This process's device (one GPU each when several processes train on CUDA), its precision checked."""
-    with explained("train.device"):
-        device = resolve_device(params.device)
-    with explained("train.processes", fix="lower train.processes, or change train.device"):
-        device = process_device(device, params.processes, world, nodes.count)
-    with explained("train.precision"):
-        autocast_for(device, params.precision)
-    return device
-
-
 def open_checkpoint(
     folder: Path | None, params: TrainParams, data: Path, world: World
 ) -> tuple[Checkpoint | None, TrainState | None]:
@@ -230,32 +168,5 @@ def open_checkpoint(
     return checkpoint, resume
 
 
-def threads_here(params: TrainParams, world: World | None, nodes: Nodes) -> int:
-    """The CPU threads of each process on this machine; the first process here warns when they outnumber
-    its cores."""
-    local_processes = world.local_size if world else params.processes // nodes.count
-    threads = resolve_threads(params.threads, local_processes)
-    if world is None or world.local_rank == 0:
-        warn_if_oversubscribed(threads, local_processes)
-    return threads
-
-
-def warn_if_oversubscribed(threads: int, processes: int = 1) -> None:
-    """More threads than cores (`threads` in each of `processes` processes on this machine) only makes them
-    wait for each other; say so, but run as asked."""
-    cores = available_cores()
-    if processes == 1 and threads > cores:
-        warn(
-            f"train.threads: {threads} threads on {cores} CPU cores here; each thread "
-            f"beyond {cores} waits for the others (set train.threads: {cores} or fewer)"
-        )
-    elif threads * processes > cores:
-        fix = f"train.threads: {cores // processes} or fewer" if cores >= processes else f"train.processes: {cores}"
-        warn(
-            f"train.threads: {processes} processes x {threads} threads on {cores} CPU cores here; each thread "
-            f"beyond {cores} waits for the others (set {fix})"
-        )
-
-
 if __name__ == "__main__":
-    run(main)
+    run(main, record=record_failure)
