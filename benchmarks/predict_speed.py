@@ -15,7 +15,9 @@ train stage saves it: weights, card and model.onnx.
   after start-up, with the ONNX model and with the numpy forward predict ran before (kept here as the
   baseline), alternated, best of 3 each; the same folder through the command line (whole run - cold run);
   and the 10,000 images as one array, the model's computation alone;
-- the logits of ONNX Runtime against the torch model's on the 10,000 test images, for each model.
+- the logits of ONNX Runtime against the torch model's on the 10,000 test images, for each model;
+- the decoder choice: in fresh processes that have imported torch, what `from PIL import Image` and
+  `import torchvision.io` add to start-up.
 """
 
 from __future__ import annotations
@@ -113,6 +115,13 @@ def cold_starts(folders: dict[str, Path], picture: Path) -> dict[str, tuple[list
     return times
 
 
+def import_cost(statement: str) -> float:
+    """Median wall time of `import torch; <statement>` minus `import torch`, fresh processes."""
+    python = [sys.executable, "-c"]
+    base = statistics.median(timed_command([*python, "import torch"])[0] for _ in range(3))
+    return statistics.median(timed_command([*python, f"import torch; {statement}"])[0] for _ in range(3)) - base
+
+
 def best_of(count: int, work: Callable[[], object]) -> float:
     """The fastest of `count` runs of `work`, in seconds."""
     spent = []
@@ -189,6 +198,8 @@ def main() -> None:
         print(f"logreg, 10,000 test PNGs, command line: {whole:.2f} s, "
               f"{(len(images) - 1) / (whole - cold_logreg):,.0f} images/s after start-up")  # fmt: skip
         agreement(folders, images)
+    pil, torchvision = import_cost("from PIL import Image, ImageFilter, ImageOps"), import_cost("import torchvision.io")
+    print(f"start-up added to `import torch` by the decoder: PIL {pil:.2f} s, torchvision.io {torchvision:.2f} s")
 
     print(f"load average at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())} ({os.cpu_count()} cores)")
     torch_median = statistics.median(cold["import torch"][0])
