@@ -80,7 +80,7 @@ def onnx_bytes(network: nn.Module, example: torch.Tensor) -> bytes:
     """The ONNX file of `network` traced on `example`, with its batch dimension left free."""
     buffer = io.BytesIO()
     try:
-        with warnings.catch_warnings(), output_silenced():
+        with warnings.catch_warnings(), output_silenced(), torch.no_grad():
             # The exporter's deprecation notice, and tracing's warnings about Python values it records as
             # constants: check_batches catches the ones that matter.
             warnings.simplefilter("ignore")
