@@ -35,7 +35,7 @@ from stages.core.contract import Card, OnnxRecord
 from stages.core.files import ONNX
 from stages.core.model import save_model
 
-# ONNX's operator set: ONNX Runtime 1.14 (2023) and later run it, in every language it ships for.
+# ONNX's operator set: ONNX Runtime 1.12 (2022) and later run it, in every language it ships for.
 OPSET = 17
 INPUT, OUTPUT = "images", "logits"
 TRACE_BATCH = 2  # the batch the network is traced with; the file is checked on others
