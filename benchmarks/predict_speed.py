@@ -36,6 +36,8 @@ import numpy as np
 from PIL import Image
 from safetensors.numpy import load_file
 
+from benchmarks.results import figure, ratio, recorded
+
 TEST = Path("data/processed/test.safetensors")
 META = Path("data/processed")
 COLD_TARGET_S = 0.5
@@ -132,7 +134,7 @@ def best_of(count: int, work: Callable[[], object]) -> float:
     return min(spent)
 
 
-def throughput(folder: Path, model_folder: Path, images: np.ndarray) -> None:
+def throughput(folder: Path, model_folder: Path, images: np.ndarray) -> tuple[float, float]:
     """The logreg's images per second after start-up: through predict's reading and framing, and alone."""
     from stages.commands.predict import predict_files
     from stages.core.inference import load_classifier
@@ -157,6 +159,7 @@ def throughput(folder: Path, model_folder: Path, images: np.ndarray) -> None:
         f"logreg, the computation alone on 10,000 images (best of 5): ONNX Runtime {n / onnx_alone:,.0f} images/s, "
         f"numpy {n / numpy_alone:,.0f} images/s: {numpy_alone / onnx_alone:.2f}x"
     )
+    return onnx_rate, numpy_rate
 
 
 def agreement(folders: dict[str, Path], images: np.ndarray) -> None:
@@ -191,7 +194,7 @@ def main() -> None:
         pngs.mkdir()
         for index, image in enumerate(images):
             Image.fromarray(image).save(pngs / f"{index:05}.png")
-        throughput(pngs, folders["logreg"], images)
+        onnx_rate, numpy_rate = throughput(pngs, folders["logreg"], images)
         predict = [str(Path(sys.executable).parent / "mnist-predict"), "--model", str(folders["logreg"]), "--json"]
         whole, _ = timed_command([*predict, str(pngs)])
         cold_logreg = statistics.median(cold["logreg"][0])
@@ -203,12 +206,23 @@ def main() -> None:
 
     print(f"load average at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())} ({os.cpu_count()} cores)")
     torch_median = statistics.median(cold["import torch"][0])
-    for name, (walls, cpus) in cold.items():
-        median = statistics.median(walls)
-        print(
-            f"cold, {name}: wall best {min(walls):.2f} s, median {median:.2f} s, "
-            f"CPU median {statistics.median(cpus):.2f} s; median / target {median / COLD_TARGET_S:.2f} "
-            f"(target <= 1: {COLD_TARGET_S} s), / `import torch` {median / torch_median:.2f}"
+    with recorded("predict_speed") as figures:
+        for name, (walls, cpus) in cold.items():
+            median = statistics.median(walls)
+            figures[f"cold {name}"] = figure(
+                f"cold `mnist-predict picture.png`, {name} model, median seconds" if name in folders else name,
+                round(median, 2),
+                f"{median:.2f} s",
+                f"<= {COLD_TARGET_S} s" if name in folders else None,
+                f"best {min(walls):.2f} s of {RUNS}, CPU median {statistics.median(cpus):.2f} s, "
+                f"{median / torch_median:.2f}x `import torch`",
+            )
+        figures["throughput"] = ratio(
+            "logreg, the 10,000 test PNGs through predict after start-up: ONNX Runtime / the numpy forward",
+            onnx_rate / numpy_rate,
+            2,
+            ">= 1x",
+            f"{onnx_rate:,.0f} / {numpy_rate:,.0f} images/s",
         )
 
 

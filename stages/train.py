@@ -13,10 +13,11 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from torch import nn
+import torch
 
 from stages.cli import argument_parser, explained, memory_set_by, numerics_in_effect, run, warn
 from stages.core.artifacts import atomic_directory, copy_folder, named_as, remove_stale_temporaries_below
+from stages.core.contract import BUILT_IN, Architecture
 from stages.core.curves import write_curves
 from stages.core.distributed import SINGLE, World, from_rank_zero, joined
 from stages.core.export import save_with_onnx
@@ -24,7 +25,7 @@ from stages.core.files import ONNX, TRAINING_LOG
 from stages.core.model import Card, architecture_for, init_model
 from stages.core.resume import Checkpoint, input_key
 from stages.core.runtime import make_deterministic, set_cpu_threads
-from stages.core.splits import load_split, read_meta
+from stages.core.splits import Meta, load_split, read_meta
 from stages.core.training import EpochLog, TrainConfig, TrainState, fit
 from stages.launcher import device_here, guard_worker, launch, nodes_of, record_failure, threads_here, world_of
 from stages.params import Params, check_device, load_section, require
@@ -34,6 +35,11 @@ class TrainParams(Params, TrainConfig):
     """`train`: the model, the optimiser and where it runs (the keys: TrainConfig)."""
 
     def check(self) -> None:
+        require(
+            self.model in BUILT_IN or ":" in self.model,
+            "train.model",
+            f"got {self.model!r}; allowed: {', '.join(BUILT_IN)}, or your own network: FILE.py:NAME or MODULE:NAME",
+        )
         require(self.lr > 0, "train.lr", "must be > 0")
         require(0 <= self.momentum < 1, "train.momentum", "must be in [0, 1)")
         require(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
@@ -67,9 +73,8 @@ def main() -> None:
     numerics, config = numerics_in_effect(), params.fit_config()
     meta = read_meta(args.data)
     train_set, val_set = load_split(args.data, "train", device), load_split(args.data, "val", device)
-    architecture = architecture_for(params.model, params.hidden, meta, params.channels)
-    model = init_model(architecture, params.seed, device)
-    checkpoint, resume = open_checkpoint(args.resume, params, args.data, world)
+    architecture, model = new_model(params, meta, device)
+    checkpoint, resume = open_checkpoint(args.resume, params, architecture, args.data, world)
     with (
         joined(world, device, args.peer_timeout),
         explained("train.lr", fix=f"lower train.lr (now {params.lr}); nothing was written"),
@@ -91,12 +96,20 @@ def main() -> None:
         checkpoint.remove()
 
 
-def write_model(folder: Path, out: Path, model: nn.Module, card: Card) -> None:
+def write_model(folder: Path, out: Path, model: torch.nn.Module, card: Card) -> None:
     """The weights, the network as ONNX and the card into `folder` (`out` once switched in); a warning when ONNX
     cannot express the network."""
     unexported = save_with_onnx(folder, model, card)
     if unexported:
         warn(f"{out / ONNX} not written: {unexported}; the weights and the card are: evaluate runs them, predict not")
+
+
+def new_model(params: TrainParams, meta: Meta, device: torch.device) -> tuple[Architecture, torch.nn.Module]:
+    """The network `train.model` names, with its seeded initial weights; a network of the user's that cannot
+    be imported, built, or run on the images is refused in one line naming the key."""
+    with explained("train.model"):
+        architecture = architecture_for(params.model, params.hidden, meta, params.channels, params.model_args)
+        return architecture, init_model(architecture, params.seed, device)
 
 
 @contextlib.contextmanager
@@ -152,14 +165,15 @@ def arguments() -> argparse.Namespace:
 
 
 def open_checkpoint(
-    folder: Path | None, params: TrainParams, data: Path, world: World
+    folder: Path | None, params: TrainParams, architecture: Architecture, data: Path, world: World
 ) -> tuple[Checkpoint | None, TrainState | None]:
-    """The state folder of this run's exact inputs (none without --resume), and what an interrupted run of
-    the same inputs saved there. Rank 0's alone: it saves the state, and sends it to the other processes,
-    which may run on machines that have no such folder."""
+    """The state folder of this run's exact inputs (none without --resume; a network of the user's by its
+    source too), and what an interrupted run of the same inputs saved there. Rank 0's alone: it saves the
+    state, and sends it to the other processes, which may run on machines that have no such folder."""
     if folder is None or world.rank > 0:
         return None, None
-    checkpoint = Checkpoint(folder / input_key(params.model_dump(mode="json"), data))
+    inputs = params.model_dump(mode="json") | {"architecture": architecture.model_dump(mode="json")}
+    checkpoint = Checkpoint(folder / input_key(inputs, data))
     resume = checkpoint.load()
     if resume:
         print(
