@@ -52,7 +52,7 @@ def write_folder(root: Path, count: int) -> None:
 
 def pictures_of(root: Path) -> list[tuple[str, int]]:
     return [p for split in ("train", "test") if (root / split).is_dir()
-            for p in list_pictures(root, split, find_classes(root / split))]  # fmt: skip
+            for p in list_pictures(root, split, find_classes(root / split))[0]]  # fmt: skip
 
 
 def decode(root: str) -> dict:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -307,14 +308,28 @@ def test_unwritable_out_is_one_line(project: Path, tmp_path: Path, stage: str) -
     one_line_error(run(project, *command, check=False), f"{stage}: error: {blocker}")
 
 
-def test_more_threads_than_cores_warns(project: Path, tmp_path: Path) -> None:
-    set_params(project, **{"train.threads": 1000})
+def test_more_threads_or_processes_than_the_machine_runs_are_refused_before_anything_starts(
+    project: Path, tmp_path: Path
+) -> None:
+    """More threads than the machine has CPUs, or processes whose memory (measured at start) is more than it
+    has: one line with the number that fits, before a thread or process starts."""
     command = stage_command(project, "train")
     command[command.index("--out") + 1] = str(tmp_path / "models")
-    result = run(project, *command)
-    cores = len(os.sched_getaffinity(0))
-    warnings = [line for line in result.stderr.splitlines() if "warning: train.threads" in line]
-    assert len(warnings) == 1 and f"{cores} CPU cores" in warnings[0], result.stderr
+    cpus = os.cpu_count()
+    set_params(project, **{"train.threads": 100000})
+    line = one_line_error(run(project, *command, check=False, timeout=60), "train: error: train.threads: ")
+    wanted = f"100000 threads, more than the {cpus} CPUs of this machine run at once; set {cpus} or fewer (or auto)"
+    assert line == f"train: error: train.threads: {wanted}"
+
+    set_params(project, **{"train.threads": 1, "train.processes": 100000})
+    line = one_line_error(
+        run(project, *command, check=False, timeout=60), "train: error: train.processes: 100000 processes of "
+    )
+    fit = int(re.search(r"; at most (\d+) fit; lower train.processes$", line)[1])
+    assert 0 < fit < 100000 and re.search(
+        r" MiB each \(measured at start, with the data each loads\) need [\d.]+ GiB, more than ", line
+    )
+    assert not (tmp_path / "models").exists()
 
 
 # (7) Experiments from a checkout whose path is not ASCII, with a space.

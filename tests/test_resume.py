@@ -75,3 +75,51 @@ def test_killed_repro_resumes_to_the_bytes_of_an_uninterrupted_run(long_project:
     assert "resuming" not in uninterrupted.stdout
     assert {p.name: p.read_bytes() for p in (fresh / "models").iterdir() if p.is_file()} == resumed_bytes
     assert (fresh / "models" / "training" / "metrics.json").read_bytes() == resumed_log
+
+
+def interrupt_repro(project: Path, line_prefix: str, signum: int, whole_group: bool) -> tuple[int, str]:
+    """Start `dvc repro`, and once a line starts with `line_prefix`, send `signum` to the whole process group
+    (Ctrl-C in a terminal) or to the stage's process alone (a scheduler's SIGTERM); its exit status and output."""
+    import psutil
+
+    process = subprocess.Popen(
+        ["dvc", "repro"], cwd=project, env=project_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, start_new_session=True,
+    )  # fmt: skip
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if line.startswith(line_prefix):
+            if whole_group:
+                os.killpg(process.pid, signum)
+            else:
+                (stage,) = [
+                    child for child in psutil.Process(process.pid).children() if "stages.train" in child.cmdline()
+                ]
+                stage.send_signal(signum)
+            break
+    lines += process.stdout.readlines()
+    return process.wait(timeout=120), "".join(lines)
+
+
+def test_an_interrupted_train_puts_the_previous_model_back_and_says_where_the_next_run_continues(
+    long_project: Path,
+) -> None:
+    set_params(long_project, **{"train.epochs": 1})
+    dvc(long_project, "repro")
+    previous = (long_project / "models" / "model.json").read_bytes()
+    set_params(long_project, **{"train.epochs": 5})
+
+    status, output = interrupt_repro(long_project, "train: epoch 2/5", signal.SIGTERM, whole_group=False)
+    assert status != 0 and "Traceback" not in output, output
+    (line,) = [line for line in output.splitlines() if "interrupted" in line]
+    assert line in (f"train: interrupted; the previous models restored from DVC's cache; the next run continues "
+                    f"after epoch {done}" for done in (2, 3)), output  # fmt: skip
+    assert (long_project / "models" / "model.json").read_bytes() == previous
+
+    status, output = interrupt_repro(long_project, "train: epoch 4/5", signal.SIGINT, whole_group=True)
+    assert "train: resuming after epoch" in output and status != 0 and "Traceback" not in output, output
+    (line,) = [line for line in output.splitlines() if "interrupted" in line]
+    assert line.startswith("train: interrupted; the previous models restored from DVC's cache; the next run "
+                           "continues after epoch 4"), output  # fmt: skip
+    assert (long_project / "models" / "model.json").read_bytes() == previous
