@@ -7,7 +7,6 @@ the oracle for every prediction is that model's own forward pass in torch on the
 
 from __future__ import annotations
 
-import gzip
 import json
 import shutil
 import subprocess
@@ -17,8 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import DEBIAN_MIRROR, NEEDS_REAL_DATA, PROJECT, idx_bytes, project_env, synthetic_split
+from helpers import NEEDS_REAL_DATA, PROJECT, idx_bytes, project_env, synthetic_split
 from PIL import Image
+from test_own_images import fashion_mnist
 
 from stages.core.contract import Card, ImageInputError
 from stages.core.datasets import load_registry
@@ -293,18 +293,10 @@ def test_cli_imports_neither_torch_nor_the_model_code(model_dir: Path, tmp_path:
     assert not {"stages.core.model", "stages.core.export", "stages.core.user_networks"} & set(modules)
 
 
-def fashion_mnist(split: str, count: int) -> tuple[np.ndarray, np.ndarray]:
-    """The first `count` uint8 images (N, 28, 28) and labels (N,) of Debian's Fashion-MNIST `split`."""
-    images = gzip.decompress((DEBIAN_MIRROR / f"{split}-images-idx3-ubyte.gz").read_bytes())
-    labels = gzip.decompress((DEBIAN_MIRROR / f"{split}-labels-idx1-ubyte.gz").read_bytes())
-    images = np.frombuffer(images, np.uint8, offset=16).reshape(-1, 28, 28)[:count]
-    return images, np.frombuffer(labels, np.uint8, offset=8)[:count]
-
-
 @pytest.fixture(scope="module")
 def fashion_logreg(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A logreg trained for a few seconds on 5,000 Fashion-MNIST training images."""
-    images, labels = (torch.from_numpy(array.copy()) for array in fashion_mnist("train", 5000))
+    images, labels = (torch.from_numpy(array[:5000].copy()) for array in fashion_mnist("train"))
     mean, std = (images.float() / 255).mean().item(), (images.float() / 255).std().item()
     meta = Meta(dataset="fashion-mnist", classes=CLASSES, image_shape=(28, 28), sizes={"train": 1}, mean=mean, std=std)
     architecture = architecture_for("logreg", (), meta)
@@ -334,7 +326,7 @@ def test_inverted_enlargements_agree_with_the_original_for_every_common_filter(
     from threadpoolctl import threadpool_limits
 
     model, _ = load_model(fashion_logreg)
-    images, _ = fashion_mnist("t10k", 100)
+    images = fashion_mnist("t10k")[0][:100]
     original = model(torch.from_numpy(images.copy())).argmax(1)
     with threadpool_limits(1):  # the reduction's products are small: BLAS threads would only fight
         for resample in ("NEAREST", "BILINEAR", "BICUBIC", "LANCZOS"):
@@ -352,7 +344,7 @@ def test_inverted_enlargements_agree_with_the_original_for_every_common_filter(
 def test_cli_agrees_on_inverted_bicubic_enlargements(fashion_logreg: Path, tmp_path: Path) -> None:
     """Through the command line: test images, dark on light, enlarged 5x bicubic."""
     model, _ = load_model(fashion_logreg)
-    images, _ = fashion_mnist("t10k", 100)
+    images = fashion_mnist("t10k")[0][:100]
     for index, image in enumerate(images):
         Image.fromarray(255 - image).resize((140, 140), Image.Resampling.BICUBIC).save(tmp_path / f"{index:03d}.png")
     result = predict_cli(tmp_path, "--model", str(fashion_logreg), "--json", ".")
