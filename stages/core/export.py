@@ -6,10 +6,11 @@ The file takes what the saved model takes, uint8 images (B, H, W) of any batch s
 (`torch.onnx.export(dynamo=False)`; deprecated since torch 2.9, present in every torch pyproject.toml admits),
 not torch.export's: for these networks both write the same operators, but it exports a small cnn in 0.1 s
 (0.9 s the first time in a process, imports included) where torch.export's takes 1.1 s (4.3 s), on 2
-cores; and from the same weights it writes the same bytes at any thread count and under any CPU's kernels:
-what it computes (a batch norm straight after a convolution is folded into its weights) is elementwise and
-correctly rounded, and the producer it records is torch's release without its build (`2.14.1`, not
-`2.14.1+cu130`); another release of torch may write other bytes. Tracing records the operations of one
+cores; and from the same weights it writes the same bytes at any thread count and under any CPU's kernels
+in a process pinned as the stages are (stages/numerics.py): what it computes is folding a batch norm
+straight after a convolution into its weights, whose square root torch takes with MKL's vector math,
+pinned there by MKL_CBWR; and the producer it records is torch's release without its build (`2.14.1`,
+not `2.14.1+cu130`). Another release of torch may write other bytes. Tracing records the operations of one
 forward pass, so a network whose Python depends on the batch size would be recorded for one size: before
 the file is kept, ONNX Runtime runs it on batches of other sizes and its logits are held to the network's.
 """
