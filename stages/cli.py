@@ -43,6 +43,8 @@ FIXES = {
     ("card", "outdated"): "rerun the train stage: dvc repro train",
     ("weights", "missing"): "rerun the train stage: dvc repro --force train",
     ("weights", "damaged"): "rerun the train stage: dvc repro --force train",
+    ("onnx", "missing"): "rerun the train stage: dvc repro --force train",
+    ("onnx", "damaged"): "rerun the train stage: dvc repro --force train",
     ("output", "unwritable"): "choose a writable --out",
 }
 
@@ -215,8 +217,8 @@ def interrupted() -> NoReturn:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not stop the restoring
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         restored = restore_outputs()
-        kept = f"the previous {', '.join(restored)} restored from DVC's cache" if restored else "no output written"
-        print("; ".join([f"{prog()}: interrupted", kept, *(note() for note in _interrupted_notes)]), file=sys.stderr)
+        kept = [f"the previous {', '.join(restored)} restored from DVC's cache"] if restored else []
+        print("; ".join([f"{prog()}: interrupted", *kept, *(note() for note in _interrupted_notes)]), file=sys.stderr)
     sys.exit(130)
 
 
@@ -307,3 +309,19 @@ def restore_outputs() -> list[str]:
     except Exception as error:  # never let the rescue hide the stage's own message
         print(f"warning: could not restore the previous outputs from DVC's cache ({error})", file=sys.stderr)
         return []
+
+
+def stage_deps() -> list[Path] | None:
+    """Under `dvc repro` / `dvc exp run`, the deps dvc.yaml lists for this stage, as absolute paths (templated
+    ones left out); None when DVC did not run the stage (DVC sets DVC_STAGE and DVC_ROOT for its command)."""
+    stage_name, root = os.environ.get("DVC_STAGE"), os.environ.get("DVC_ROOT")
+    if not stage_name or not root:
+        return None
+    from ruamel.yaml import YAML  # as DVC reads dvc.yaml
+
+    try:
+        stages = YAML(typ="safe").load((Path(root) / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+        deps = stages[stage_name.rpartition(":")[2]].get("deps") or []
+    except (OSError, KeyError, TypeError, ValueError):  # the dvc.yaml DVC has just read: not expected
+        return None
+    return [Path(root, dep) for dep in deps if isinstance(dep, str) and "${" not in dep]

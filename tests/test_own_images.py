@@ -8,6 +8,7 @@ pictures, and the IDX files the pictures were written from for the framed images
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import math
 import shutil
@@ -309,3 +310,33 @@ def test_default_split_sizes_fit_a_folder_of_a_few_hundred_pictures(tiny_project
     test = math.ceil(300 * committed["test_size"])
     val = math.ceil((300 - test) * committed["val_size"])
     assert meta["sizes"] == {"train": 300 - test - val, "val": val, "test": test} and val >= 10 and test >= 10
+
+
+@pytest.mark.e2e
+def test_a_folder_dvc_cannot_see_is_named_at_each_run_and_its_import_is_seen_to_change(
+    tiny_project: Path, tmp_path: Path
+) -> None:
+    """A folder outside the project: each run of download says that DVC cannot see it change, and how to
+    make it seen; imported as the line says (`dvc import-url`), a changed picture reruns download once
+    `dvc update` took it."""
+    outside = tmp_path / "outside" / "shoes"
+    write_image_folder(outside, {"train": 60, "test": 20})
+    set_params(tiny_project, **{"data.dataset": str(outside)})
+    result = dvc(tiny_project, "repro", "download")
+    fix = f"import it into the project: dvc import-url {outside} pictures/shoes"
+    assert (
+        f"download: warning: data.dataset: DVC does not see {outside} (no dep of download holds it): a changed "
+        f"picture there reruns nothing; {fix}, and set data.dataset: pictures/shoes (docs/own-images.md)"
+    ) in result.stderr.splitlines(), result.stderr
+
+    dvc(tiny_project, "import-url", str(outside), "pictures/shoes")
+    set_params(tiny_project, **{"data.dataset": "pictures/shoes"})
+    result = dvc(tiny_project, "repro", "download")
+    assert stages_run(result) == ["download"] and "does not see" not in result.stderr, result.stderr
+    first = sorted((outside / "train" / "Bag").iterdir())[0]
+    Image.fromarray(np.asarray(Image.open(first))[::-1]).save(first)  # the same bag, upside down
+    dvc(tiny_project, "update", "pictures/shoes.dvc")
+    assert stages_run(dvc(tiny_project, "repro", "download")) == ["download"]
+    manifest = json.loads((tiny_project / "data" / "raw" / "dataset.json").read_text())
+    (entry,) = [entry for entry in manifest["pictures"]["train"] if entry["file"] == f"train/Bag/{first.name}"]
+    assert entry["sha256"] == hashlib.sha256(first.read_bytes()).hexdigest()

@@ -7,7 +7,6 @@ their types and checks from here.
 
 from __future__ import annotations
 
-import itertools
 import math
 from pathlib import Path
 from typing import Any
@@ -173,19 +172,10 @@ def write_card(folder: Path, card: Card) -> None:
 
 
 def layer_widths(architecture: Architecture) -> list[int]:
-    """Inputs, hidden widths, outputs of a linear model (logreg, mlp): its nn.Linear layers are consecutive
-    pairs, `net.layers.{i}` in the weights."""
+    """Inputs, hidden widths, outputs of a linear model (logreg, mlp): its nn.Linear layers take consecutive
+    pairs (stages/core/networks.py)."""
     hidden = architecture.hidden if architecture.model == "mlp" else ()
     return [math.prod(architecture.image_shape), *hidden, architecture.num_classes]
-
-
-def expected_weights(architecture: Architecture) -> dict[str, tuple[int, ...]]:
-    """The shape of every weight a linear model (logreg, mlp) has, by name."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    for index, (width_in, width_out) in enumerate(itertools.pairwise(layer_widths(architecture))):
-        shapes[f"net.layers.{index}.weight"] = (width_out, width_in)
-        shapes[f"net.layers.{index}.bias"] = (width_out,)
-    return shapes
 
 
 def check_weights(path: Path, folder: Path, expected: dict[str, Any], found: dict[str, Any]) -> None:
