@@ -16,6 +16,7 @@ tensors never reach a CPU kernel. While it is on, also (docs/numerics.md has eac
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import math
@@ -214,16 +215,55 @@ def grouped(maps: torch.Tensor, groups: int) -> torch.Tensor:
     return maps.reshape(maps.shape[0], groups, maps.shape[1] // groups, math.prod(maps.shape[2:]))
 
 
+def image_chunks(batch: int, work_per_image: int) -> list[slice]:
+    """Consecutive images per task, from the shapes alone: about products.TASK_FLOP of work each."""
+    per_task = max(1, products.TASK_FLOP // max(work_per_image, 1))
+    return [slice(start, start + per_task) for start in range(0, batch, per_task)]
+
+
+def per_image(task: Callable[[slice], None], batch: int, work_per_image: int) -> None:
+    """`task` for each chunk of images, on the products' threads: im2col, col2im and the products of
+    different images touch different memory, and torch and numpy release the GIL while they copy and multiply,
+    so the bytes are the same on any number of threads."""
+    products.run([functools.partial(task, images) for images in image_chunks(batch, work_per_image)])
+
+
 def convolved(maps: torch.Tensor, weight: torch.Tensor, geometry: Geometry) -> torch.Tensor:
     """The convolution of `maps` (B, C, *S) with `weight`: (B, Cout, *O), per image and group W @ columns."""
-    out = product(weight_rows(weight, geometry.groups), columns(maps, geometry))  # (B, G, Cout/G, prod(O))
-    return out.view(maps.shape[0], weight.shape[0], *geometry.out_sizes(maps.shape[2:]))
+    if maps.dtype in WIDENED:
+        return convolved(maps.float(), weight.float(), geometry).to(maps.dtype)
+    rows = array(weight_rows(weight, geometry.groups))  # (G, Cout/G, C/G * prod(K))
+    outs = geometry.out_sizes(maps.shape[2:])
+    out = maps.new_empty((maps.shape[0], *rows.shape[:2], math.prod(outs)))  # (B, G, Cout/G, prod(O))
+    target = array(out)
+
+    def multiply(images: slice) -> None:
+        cols = array(columns(maps[images], geometry))
+        for index in np.ndindex(cols.shape[:2]):
+            np.matmul(rows[index[1]], cols[index], out=target[images][index])
+
+    per_image(multiply, maps.shape[0], 2 * rows.size * math.prod(outs))
+    return out.view(maps.shape[0], weight.shape[0], *outs)
 
 
 def input_gradient(grad: torch.Tensor, weight: torch.Tensor, geometry: Geometry, shape: Sequence[int]) -> torch.Tensor:
-    """The gradient of the input (of `shape`) of the convolution whose output has the gradient `grad`."""
-    shares = product(weight_rows(weight, geometry.groups).transpose(1, 2), grouped(grad, geometry.groups))
-    return uncolumns(shares, geometry, shape)
+    """The gradient of the input (of `shape`) of the convolution whose output has the gradient `grad`:
+    per image and group W.T @ grad, put back in place by col2im."""
+    if grad.dtype in WIDENED:
+        return input_gradient(grad.float(), weight.float(), geometry, shape).to(grad.dtype)
+    rows = array(weight_rows(weight, geometry.groups))  # (G, Cout/G, C/G * prod(K))
+    grads = array(grouped(grad, geometry.groups))  # (B, G, Cout/G, prod(O))
+    result = grad.new_empty(shape)
+
+    def spread(images: slice) -> None:
+        part = grads[images]
+        shares = np.empty((*part.shape[:2], rows.shape[2], part.shape[3]), part.dtype)
+        for index in np.ndindex(part.shape[:2]):
+            np.matmul(rows[index[1]].T, part[index], out=shares[index])
+        result[images] = uncolumns(torch.from_numpy(shares), geometry, (part.shape[0], *shape[1:]))
+
+    per_image(spread, grad.shape[0], 2 * rows.size * grads.shape[3])
+    return result
 
 
 def weight_gradient(grad: torch.Tensor, maps: torch.Tensor, geometry: Geometry) -> torch.Tensor:
@@ -231,8 +271,17 @@ def weight_gradient(grad: torch.Tensor, maps: torch.Tensor, geometry: Geometry) 
     per image and group grad @ columns.T, summed over the images first to last. (G, Cout/G, C/G * prod(K))"""
     if grad.dtype in WIDENED:
         return weight_gradient(grad.float(), maps.float(), geometry).to(grad.dtype)
-    per_image = products.matmul(array(grouped(grad, geometry.groups)), array(columns(maps, geometry)).swapaxes(2, 3))
-    return torch.from_numpy(products.ordered_sum(list(per_image), per_image.shape[1:], per_image.dtype))
+    grads = array(grouped(grad, geometry.groups))  # (B, G, Cout/G, prod(O))
+    width = maps.shape[1] // geometry.groups * math.prod(geometry.kernel)
+    sums = np.empty((*grads.shape[:3], width), grads.dtype)  # per image: (B, G, Cout/G, C/G * prod(K))
+
+    def multiply(images: slice) -> None:
+        cols = array(columns(maps[images], geometry))
+        for index in np.ndindex(cols.shape[:2]):
+            np.matmul(grads[images][index], cols[index].T, out=sums[images][index])
+
+    per_image(multiply, grad.shape[0], 2 * math.prod(sums.shape[1:]) * grads.shape[3])
+    return torch.from_numpy(products.ordered_sum(list(sums), sums.shape[1:], sums.dtype))
 
 
 def transposed_shape(maps: torch.Tensor, weight: torch.Tensor, geometry: Geometry, extra: Sequence[int]) -> list[int]:
