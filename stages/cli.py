@@ -14,17 +14,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
-import json
 import logging
 import os
 import platform
 import re
 import sys
-import time
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from stages import numerics
 from stages.core.errors import CoreError, FileProblem, SettingError
@@ -166,8 +164,14 @@ def argument_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def run(main: Callable[[], None]) -> None:
-    """Run a stage's `main`, turning a StageError into one line on stderr and exit status 1."""
+# How a stage tells the process that started it why it failed, before it exits: its one line, or, for a
+# bug, the exception's line and its traceback. Training processes tell their launcher (stages/launcher.py).
+FailureRecord = Callable[[str, str | None], None]
+
+
+def run(main: Callable[[], None], record: FailureRecord | None = None) -> None:
+    """Run a stage's `main`, turning a StageError into one line on stderr and exit status 1; `record` is
+    told of any failure first."""
     for name, value in numerics.OVERRIDDEN.items():
         warn(
             f"{name}={value} from the environment ignored: every stage runs with {name}={numerics.PINNED[name]}, "
@@ -179,31 +183,30 @@ def run(main: Callable[[], None]) -> None:
     try:
         main()
         sys.stdout.flush()  # what was printed reaches its file here, where a failure is still one line
-    except StageError as error:
-        fail(str(error))
-    except FileProblem as problem:
-        fail(explain(problem))
-    except CoreError as error:  # a SettingError outside `explained`: the line still says what is wrong
-        fail(str(error))
-    except OSError as error:
-        # The environment, not the code: a full disk, a folder made read-only mid-run, a vanished mount.
-        line = machine_fault(error)
-        if line is None:
-            bug(error)
-        fail(line)
     except KeyboardInterrupt:
         sys.exit(130)
     except Exception as error:
-        cause = out_of_memory(error)
-        if cause is None:
-            bug(error)
-        fail(f"{cause}; {MEMORY_FIX}")
+        line = failure_line(error)
+        if record is not None:
+            record(*((line, None) if line else (f"{type(error).__name__}: {error}", traceback.format_exc())))
+        if line is None:
+            raise  # a bug: its traceback follows
+        fail(line)
 
 
-def bug(error: Exception) -> NoReturn:
-    """Re-raise `error` (its traceback follows); a training process tells its launcher first."""
-    record_failure(f"{type(error).__name__}: {error}", traceback.format_exc())
-    raise error
+def failure_line(error: Exception) -> str | None:
+    """The one line for an error the user can fix or the machine caused; None for a bug."""
+    if isinstance(error, StageError):
+        return str(error)
+    if isinstance(error, FileProblem):
+        return explain(error)
+    if isinstance(error, CoreError):  # a SettingError outside `explained`: the line still says what is wrong
+        return str(error)
+    if isinstance(error, OSError):
+        # The environment, not the code: a full disk, a folder made read-only mid-run, a vanished mount.
+        return machine_fault(error)
+    cause = out_of_memory(error)
+    return None if cause is None else f"{cause}; {MEMORY_FIX}"
 
 
 def warn(message: str) -> None:
@@ -243,10 +246,9 @@ def numerics_in_effect() -> dict[str, str | None]:
 def fail(message: str) -> None:
     """Print the one line, after putting back what DVC deleted, and exit 1.
 
-    One of several training processes leaves both to the process that started them (`python -m
-    stages.train`'s launcher, or torchrun), which DVC ran: it records the line for it instead.
+    One of several training processes leaves the outputs to the process that started them (`python -m
+    stages.train`'s launcher, or torchrun), which DVC ran.
     """
-    record_failure(message)
     restored = [] if "WORLD_SIZE" in os.environ else restore_outputs()
     kept = f" (the previous {', '.join(restored)} restored from DVC's cache)" if restored else ""
     print(f"{prog()}: error: {message}{kept}", file=sys.stderr)
@@ -279,24 +281,3 @@ def restore_outputs() -> list[str]:
     except Exception as error:  # never let the rescue hide the stage's own message
         print(f"warning: could not restore the previous outputs from DVC's cache ({error})", file=sys.stderr)
         return []
-
-
-def record_failure(message: str, traceback_text: str | None = None) -> None:
-    """Leave a training process's failure where the elastic agent that started it (the train stage's
-    launcher, or torchrun) reads it: the file TORCHELASTIC_ERROR_FILE names, in torchelastic's format.
-
-    A user error is its one line (a string message), which the launcher prints as its own; a crash is the
-    exception and its traceback (torchelastic's `@record` format), with the time it happened, so that the
-    launcher tells the crash that came first from the failures it caused in the other processes.
-    """
-    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
-    if not path:
-        return
-    now = time.time()
-    if traceback_text is None:
-        record: dict = {"message": message, "timestamp": int(now)}
-    else:
-        info = {"py_callstack": traceback_text, "timestamp": str(int(now)), "time": now}
-        record = {"message": {"message": message, "extraInfo": info}}
-    with contextlib.suppress(OSError), open(path, "w", encoding="utf-8") as stream:
-        json.dump(record, stream)

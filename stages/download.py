@@ -68,7 +68,7 @@ def main() -> None:
     with explained(fix="add a reachable mirror to data.mirrors in params.yaml"):
         for spec in dataset.files.values():
             fetch_file(spec, mirrors, args.out, timeout_s=params.timeout_s, retries=params.retries)
-    write_manifest(args.out, Manifest.of(dataset))  # last: it says the folder is complete
+    write_manifest(args.out, Manifest.for_dataset(dataset))  # last: it says the folder is complete
 
 
 def acquire_folder(folder: Path, out: Path, unreadable: str) -> Manifest:

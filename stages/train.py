@@ -15,34 +15,18 @@ from pathlib import Path
 
 import torch
 
-from stages.cli import StageError, argument_parser, explained, memory_set_by, numerics_in_effect, run, warn
+from stages.cli import argument_parser, explained, memory_set_by, numerics_in_effect, run
 from stages.core.artifacts import atomic_directory, copy_folder, named_as, remove_stale_temporaries_below
+from stages.core.contract import BUILT_IN, Architecture
 from stages.core.curves import write_curves
-from stages.core.distributed import (
-    ONE_NODE,
-    SINGLE,
-    Nodes,
-    World,
-    from_rank_zero,
-    guard_worker,
-    joined,
-    launch,
-    process_device,
-    world_from_environment,
-)
+from stages.core.distributed import SINGLE, World, from_rank_zero, joined
 from stages.core.files import TRAINING_LOG
 from stages.core.model import Card, architecture_for, init_model, save_model
 from stages.core.resume import Checkpoint, input_key
-from stages.core.runtime import (
-    autocast_for,
-    available_cores,
-    make_deterministic,
-    resolve_device,
-    resolve_threads,
-    set_cpu_threads,
-)
-from stages.core.splits import load_split, read_meta
+from stages.core.runtime import make_deterministic, set_cpu_threads
+from stages.core.splits import Meta, load_split, read_meta
 from stages.core.training import EpochLog, TrainConfig, TrainState, fit
+from stages.launcher import device_here, guard_worker, launch, nodes_of, record_failure, threads_here, world_of
 from stages.params import Params, check_device, load_section, require
 
 
@@ -50,6 +34,11 @@ class TrainParams(Params, TrainConfig):
     """`train`: the model, the optimiser and where it runs (the keys: TrainConfig)."""
 
     def check(self) -> None:
+        require(
+            self.model in BUILT_IN or ":" in self.model,
+            "train.model",
+            f"got {self.model!r}; allowed: {', '.join(BUILT_IN)}, or your own network: FILE.py:NAME or MODULE:NAME",
+        )
         require(self.lr > 0, "train.lr", "must be > 0")
         require(0 <= self.momentum < 1, "train.momentum", "must be in [0, 1)")
         require(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
@@ -70,9 +59,9 @@ class TrainParams(Params, TrainConfig):
 def main() -> None:
     args = arguments()
     params = load_section(args.params, "train", TrainParams)
-    world, nodes = world_of(params), nodes_of(args.nodes, args.node_rank, args.rendezvous, params.processes)
-    device = place(params, world, nodes)
-    threads = threads_here(params, world, nodes)
+    world, nodes = world_of(params.processes), nodes_of(args.nodes, args.node_rank, args.rendezvous, params.processes)
+    device = device_here(params.device, params.precision, params.processes, world, nodes)
+    threads = threads_here(params.threads, params.processes, world, nodes)
     if world is None and params.processes > 1:
         read_meta(args.data)  # a missing input is one line from here, before any process starts
         launch(params.processes, ["-m", "stages.train", *sys.argv[1:]], nodes, args.peer_timeout)
@@ -85,9 +74,8 @@ def main() -> None:
     numerics, config = numerics_in_effect(), params.fit_config()
     meta = read_meta(args.data)
     train_set, val_set = load_split(args.data, "train", device), load_split(args.data, "val", device)
-    architecture = architecture_for(params.model, params.hidden, meta, params.channels)
-    model = init_model(architecture, params.seed, device)
-    checkpoint, resume = open_checkpoint(args.resume, params, args.data, world)
+    architecture, model = new_model(params, meta, device)
+    checkpoint, resume = open_checkpoint(args.resume, params, architecture, args.data, world)
     with (
         joined(world, device, args.peer_timeout),
         explained("train.lr", fix=f"lower train.lr (now {params.lr}); nothing was written"),
@@ -107,6 +95,14 @@ def main() -> None:
             save_model(folder, model, card.model_copy(update={"stopped": stopped}))
     if checkpoint:
         checkpoint.remove()
+
+
+def new_model(params: TrainParams, meta: Meta, device: torch.device) -> tuple[Architecture, torch.nn.Module]:
+    """The network `train.model` names, with its seeded initial weights; a network of the user's that cannot
+    be imported, built, or run on the images is refused in one line naming the key."""
+    with explained("train.model"):
+        architecture = architecture_for(params.model, params.hidden, meta, params.channels, params.model_args)
+        return architecture, init_model(architecture, params.seed, device)
 
 
 @contextlib.contextmanager
@@ -161,61 +157,19 @@ def arguments() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def world_of(params: TrainParams) -> World | None:
-    """This process's place among the training processes (None: not started by torchrun or the launcher)."""
-    world = world_from_environment()
-    if world is not None and world.size != params.processes:
-        raise StageError(
-            f"train.processes: {params.processes}, but {world.size} processes were started (WORLD_SIZE); set "
-            f"train.processes: {world.size}, the processes on all machines together"
-        )
-    return world
-
-
-def nodes_of(count: int, rank: int, rendezvous: str | None, processes: int) -> Nodes:
-    """The machines of this run (--nodes, --node-rank, --rendezvous), checked against train.processes, all
-    their processes together, which they share evenly."""
-    if count < 1:
-        raise StageError(f"--nodes {count}: must be >= 1 (1 = this machine alone)")
-    if count == 1:
-        return ONE_NODE
-    if not 0 <= rank < count:
-        raise StageError(f"--node-rank {rank}: must be 0 .. {count - 1} (--nodes {count}); node 0 writes")
-    host, _, port = (rendezvous or "").rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise StageError(
-            f"--rendezvous {rendezvous or '(none)'}: --nodes {count} needs HOST:PORT, where node 0 listens "
-            "and the others connect (the same on every node)"
-        )
-    if processes % count:
-        raise StageError(
-            f"train.processes: {processes} processes cannot be shared evenly by --nodes {count}; set "
-            f"train.processes to a multiple of {count}, the processes on all nodes together"
-        )
-    return Nodes(count, rank, rendezvous)
-
-
-def place(params: TrainParams, world: World | None, nodes: Nodes) -> torch.device:
-    """This process's device (one GPU each when several processes train on CUDA), its precision checked."""
-    with explained("train.device"):
-        device = resolve_device(params.device)
-    with explained("train.processes", fix="lower train.processes, or change train.device"):
-        device = process_device(device, params.processes, world, nodes.count)
-    with explained("train.precision"):
-        autocast_for(device, params.precision)
-    return device
-
-
 def open_checkpoint(
-    folder: Path | None, params: TrainParams, data: Path, world: World
+    folder: Path | None, params: TrainParams, architecture: Architecture, data: Path, world: World
 ) -> tuple[Checkpoint | None, TrainState | None]:
-    """The state folder of this run's exact inputs (none without --resume), and what an interrupted run of
-    the same inputs saved there. Rank 0's alone: it saves the state, and sends it to the other processes,
-    which may run on machines that have no such folder."""
+    """The state folder of this run's exact inputs (none without --resume; a network of the user's by its
+    source too), and what an interrupted run of the same inputs saved there. Rank 0's alone: it saves the
+    state, and sends it to the other processes, which may run on machines that have no such folder."""
     if folder is None or world.rank > 0:
         return None, None
     # Where to stop does not change the epochs before it: a run cut short continues the whole run's state.
-    checkpoint = Checkpoint(folder / input_key(params.model_dump(mode="json", exclude={"stop_after"}), data))
+    inputs = params.model_dump(mode="json", exclude={"stop_after"}) | {
+        "architecture": architecture.model_dump(mode="json")
+    }
+    checkpoint = Checkpoint(folder / input_key(inputs, data))
     resume = checkpoint.load()
     if resume and resume.epoch > (params.stop_after or params.epochs):
         resume = None  # saved past where this run stops: start over
@@ -226,32 +180,5 @@ def open_checkpoint(
     return checkpoint, resume
 
 
-def threads_here(params: TrainParams, world: World | None, nodes: Nodes) -> int:
-    """The CPU threads of each process on this machine; the first process here warns when they outnumber
-    its cores."""
-    local_processes = world.local_size if world else params.processes // nodes.count
-    threads = resolve_threads(params.threads, local_processes)
-    if world is None or world.local_rank == 0:
-        warn_if_oversubscribed(threads, local_processes)
-    return threads
-
-
-def warn_if_oversubscribed(threads: int, processes: int = 1) -> None:
-    """More threads than cores (`threads` in each of `processes` processes on this machine) only makes them
-    wait for each other; say so, but run as asked."""
-    cores = available_cores()
-    if processes == 1 and threads > cores:
-        warn(
-            f"train.threads: {threads} threads on {cores} CPU cores here; each thread "
-            f"beyond {cores} waits for the others (set train.threads: {cores} or fewer)"
-        )
-    elif threads * processes > cores:
-        fix = f"train.threads: {cores // processes} or fewer" if cores >= processes else f"train.processes: {cores}"
-        warn(
-            f"train.threads: {processes} processes x {threads} threads on {cores} CPU cores here; each thread "
-            f"beyond {cores} waits for the others (set {fix})"
-        )
-
-
 if __name__ == "__main__":
-    run(main)
+    run(main, record=record_failure)

@@ -39,23 +39,14 @@ from helpers import (
 )
 
 from stages.cli import StageError
-from stages.core.distributed import (
-    LOGS,
-    PEER_STOPPED,
-    SINGLE,
-    Nodes,
-    World,
-    _first_failure,
-    joined,
-    process_device,
-    shard,
-)
+from stages.core.distributed import PEER_STOPPED, SINGLE, World, joined, shard
 from stages.core.errors import SettingError
 from stages.core.model import architecture_for, init_model
 from stages.core.splits import Meta
 from stages.core.training import EpochLog, batch_loss, fit
+from stages.launcher import LOGS, Nodes, _first_failure, device_here, nodes_of, process_device, world_of
 from stages.params import parse_section
-from stages.train import TrainParams, nodes_of, place, world_of
+from stages.train import TrainParams
 
 META = Meta(dataset="digits", classes=tuple("0123456789"), image_shape=(28, 28), sizes={"train": 1}, mean=0.25, std=0.5)
 TWO = {"train.processes": 2, "train.threads": 1}  # two processes on a 2-core machine: a thread each
@@ -125,7 +116,7 @@ def test_processes_need_a_device_they_can_share(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     message = "train.processes: 4 processes here need 4 GPUs, this machine has 2; lower train.processes, or change"
     with pytest.raises(StageError, match=rf"^{message} train\.device$"):
-        place(params(processes=4, device="cuda"), None, Nodes())
+        device_here("cuda", "fp32", 4, None, Nodes())
 
 
 def test_processes_must_be_the_ones_torchrun_started(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -133,9 +124,9 @@ def test_processes_must_be_the_ones_torchrun_started(monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    assert world_of(params(processes=4)) == World(3, 4, 1, 2)
+    assert world_of(4) == World(3, 4, 1, 2)
     with pytest.raises(StageError, match=r"^train\.processes: 2, but 4 processes were started \(WORLD_SIZE\); set "):
-        world_of(params(processes=2))
+        world_of(2)
 
 
 def test_the_launcher_names_the_cause_not_the_process_it_stopped(tmp_path: Path) -> None:

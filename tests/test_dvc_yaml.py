@@ -116,9 +116,19 @@ def command_paths(stage: dict) -> set[str]:
     return {value for option, value in itertools.pairwise(words) if option.startswith("--")}
 
 
+# Folders read through a param, not named by an argument: the pictures (data.dataset) and the networks
+# of the user's (train.model), which train imports and evaluate imports again to load the model.
+READ_THROUGH_PARAMS = {"pictures": {"download"}, "nets": {"train", "evaluate"}}
+
+
 def data_deps(stage: dict) -> set[str]:
-    """A stage's deps less its code and the pictures folder (read through the dataset param, not an argument)."""
-    return {dep for dep in stage["deps"] if not dep.startswith("stages/") and dep != "pictures"}
+    """A stage's deps less its code and the folders read through params."""
+    return {dep for dep in stage["deps"] if not dep.startswith("stages/") and dep not in READ_THROUGH_PARAMS}
+
+
+def test_the_folders_read_through_params_are_deps_of_exactly_the_stages_that_read_them() -> None:
+    for folder, readers in READ_THROUGH_PARAMS.items():
+        assert {name for name, stage in STAGES.items() if folder in stage["deps"]} == readers, folder
 
 
 def test_each_command_names_exactly_its_data_deps_and_outs() -> None:

@@ -32,7 +32,12 @@ def test_the_committed_params_parse(section: str) -> None:
 @pytest.mark.parametrize(
     ("section", "key", "value", "message"),
     [
-        ("train", "model", "resnet", "train.model: got 'resnet'; allowed: logreg, mlp, cnn"),
+        (
+            "train",
+            "model",
+            "resnet",
+            "train.model: got 'resnet'; allowed: logreg, mlp, cnn, or your own network: FILE.py:NAME or MODULE:NAME",
+        ),
         ("train", "device", "tpu", "train.device: got 'tpu'; allowed: auto, cpu, cuda, cuda:N, mps"),
         ("train", "lr", "fast", "train.lr: expected float, got 'fast'"),
         ("train", "lr", 0, "train.lr: must be > 0"),
@@ -66,7 +71,7 @@ def test_bad_values_name_the_key_and_what_is_allowed(section, key, value, messag
 
 def test_unknown_and_missing_keys() -> None:
     values = default_section("train") | {"learning_rate": 0.1}
-    with pytest.raises(StageError, match=r"^train\.learning_rate: unknown key; allowed keys: model, hidden, "):
+    with pytest.raises(StageError, match=r"^train\.learning_rate: unknown key; allowed keys: model, model_args, "):
         parse_section("train", values, TrainParams)
     values = default_section("train")
     del values["seed"]
@@ -103,7 +108,7 @@ CLI_CASES = [
         {"data.dataset": "cifar"},
         "download: error: data.dataset: 'cifar' is neither a registered dataset (fashion-mnist, mnist, kmnist",
     ),
-    ("train", {"train.model": "resnet"}, "train: error: train.model: got 'resnet'; allowed: logreg, mlp, cnn"),
+    ("train", {"train.model": "resnet"}, "train: error: train.model: got 'resnet'; allowed: logreg, mlp, cnn, or your"),
     ("train", {"train.lr": -1}, "train: error: train.lr: must be > 0"),
     ("train", {"train.epochs": 0}, "train: error: train.epochs: must be >= 1"),
     ("train", {"train.batch_size": "big"}, "train: error: train.batch_size: expected int, got 'big'"),

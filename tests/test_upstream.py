@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from stages.cli import record_failure
-from stages.core.distributed import GlobalBatchNorm, _recorded
+from stages.core.distributed import GlobalBatchNorm
 from stages.core.runtime import make_deterministic
+from stages.launcher import _recorded, record_failure
 
 
 def test_make_deterministic_turns_on_deterministic_algorithms_without_importing_inductor() -> None:
@@ -60,7 +60,7 @@ def test_ddp_has_the_switch_that_turns_off_the_buffer_broadcast() -> None:
 
 
 def test_a_recorded_failure_reads_back_through_torchelastic(tmp_path: Path, monkeypatch) -> None:
-    """cli.record_failure writes torchelastic's error-file format; the launcher reads it through
+    """launcher.record_failure writes torchelastic's error-file format; the launcher reads it through
     ProcessFailure, as torch's elastic agent does."""
     from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 

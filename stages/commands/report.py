@@ -103,9 +103,9 @@ def compare(repo, old: str, new: str, out: Path) -> Comparison:
     shown = repo.metrics.show(revs=[old, new], hide_workspace=False)
     for rev in (old, new):
         if not loaded(shown, rev):
-            files = at(shown, rev).get("data", {})
+            files = found_at(shown, rev).get("data", {})
             errors = [f"{file}: {result['error']}" for file, result in files.items() if "error" in result]
-            why = errors[0] if errors else at(shown, rev).get("error", "no metrics declared in dvc.yaml")
+            why = errors[0] if errors else found_at(shown, rev).get("error", "no metrics declared in dvc.yaml")
             raise StageError(
                 f"{rev}: no metrics in this revision ({why}); compare a revision whose results were committed "
                 "(`dvc repro`, then commit its results)"
@@ -118,14 +118,14 @@ def compare(repo, old: str, new: str, out: Path) -> Comparison:
     return Comparison(old, new, changed, metrics, charts, pictures, missing)
 
 
-def at(shown: dict, rev: str) -> dict:
+def found_at(shown: dict, rev: str) -> dict:
     """What DVC's `show` found at `rev`; it names a commit by all the revisions asked that point to it, `a,b`."""
     return next((found for names, found in shown.items() if rev in names.split(",")), {})
 
 
 def loaded(shown: dict, rev: str) -> dict[str, dict]:
     """`{file: values}` of the files DVC could read at `rev`, from what `dvc metrics/params show --json` gives."""
-    files = at(shown, rev).get("data", {})
+    files = found_at(shown, rev).get("data", {})
     return {file: result["data"] for file, result in files.items() if "data" in result}
 
 

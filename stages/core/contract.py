@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
@@ -63,12 +63,26 @@ Recipe = dict[str, str | int | float | bool]  # TrainConfig.recipe(): what the w
 FrameRecord = dict[str, str | int | float | None]  # stages.core.datasets.Frame's fields: how pictures were framed
 
 
+# The networks this project defines; any other `model` names a network of the user's (FILE.py:NAME or MODULE:NAME).
+BUILT_IN = ("logreg", "mlp", "cnn")
+
+
+class Source(BaseModel):
+    """The file that defined a network of the user's: its path below the folder it was imported from
+    (`nets/wide.py`, `torchvision/models/resnet.py`, the same on every machine) and its sha256 then."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    file: str
+    sha256: str
+
+
 class Architecture(BaseModel):
     """Enough to rebuild the network, written into the card."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
-    model: Literal["logreg", "mlp", "cnn"]
+    model: str  # one of BUILT_IN, or a network of the user's: FILE.py:NAME or MODULE:NAME
     hidden: tuple[PositiveInt, ...]  # widths of the mlp's hidden layers (the cnn's after its convolutions)
     image_shape: tuple[PositiveInt, PositiveInt]
     num_classes: int = Field(ge=2)
@@ -76,9 +90,22 @@ class Architecture(BaseModel):
     std: float = Field(gt=0)
     # The cnn's convolution widths; absent for the others, so that their cards keep their bytes.
     channels: tuple[PositiveInt, ...] | None = None
+    # A network of the user's: the keyword arguments it was built with, and the file that defined it.
+    args: dict[str, Any] | None = None
+    source: Source | None = None
+
+    @property
+    def built_in(self) -> bool:
+        return self.model in BUILT_IN
 
     @model_validator(mode="after")
     def _hidden_layers_fit_the_model(self) -> Architecture:
+        if not self.built_in:
+            if self.hidden or self.channels or self.args is None or self.source is None:
+                raise ValueError(f"{self.model}: a network of the user's has args and a source, no hidden or channels")
+            return self
+        if self.args is not None or self.source is not None:
+            raise ValueError(f"{self.model}: a built-in network has no args or source")
         if (self.model == "logreg" and self.hidden) or (self.model == "mlp" and not self.hidden):
             raise ValueError(f"{self.model} with hidden widths {list(self.hidden)}")
         if (self.model == "cnn") != bool(self.channels):
@@ -94,6 +121,17 @@ class Stopped(BaseModel):
     epoch: int  # the last epoch trained
     best_epoch: int
     reason: str
+
+
+class OnnxRecord(BaseModel):
+    """The network as ONNX, beside the weights (stages/core/export.py): what ONNX Runtime runs, anywhere."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    file: str
+    opset: int  # ONNX's operator set: a runtime must have it
+    input: str  # its one input: uint8 images (batch, H, W), pixels 0-255, framed as the dataset's
+    output: str  # its one output: float32 logits (batch, classes), in the order of the card's classes
 
 
 class Card(BaseModel):
@@ -112,6 +150,8 @@ class Card(BaseModel):
     # How the dataset's pictures were framed, when it is a folder of pictures (a registered dataset's frame is
     # in stages/datasets.yaml): predict frames a new picture the same way.
     frame: FrameRecord | None = None
+    # Absent for a model trained before train exported ONNX, or one whose network ONNX cannot express.
+    onnx: OnnxRecord | None = None
 
     @model_validator(mode="after")
     def _one_name_per_output(self) -> Card:

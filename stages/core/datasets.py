@@ -108,7 +108,7 @@ class Manifest(BaseModel):
         return self
 
     @classmethod
-    def of(cls, dataset: DatasetSpec) -> Manifest:
+    def for_dataset(cls, dataset: DatasetSpec) -> Manifest:
         files = {role: spec.payload_name for role, spec in dataset.files.items()}
         return cls(dataset=dataset.name, classes=dataset.classes, files=files)
 

@@ -17,6 +17,7 @@ META = "meta.json"  # dataset, classes, image shape, split sizes, normalisation
 # models/
 WEIGHTS = "model.safetensors"
 CARD = "model.json"
+ONNX = "model.onnx"  # the network as ONNX, for ONNX Runtime: what predict runs
 TRAINING_LOG = "training"  # DVCLive's folder: curves and summary; evaluate publishes a copy in metrics/
 
 # metrics/ (besides a copy of TRAINING_LOG)

@@ -2,18 +2,23 @@
 
 torchvision has a reader (`torchvision.datasets.mnist.read_sn3_pascalvincent_tensor`), but it checks with
 bare asserts that do not name the file, and importing torchvision costs the stage about 3 s of start-up;
-the format is small enough to parse here with the checks a user needs.
+the format is small enough to parse here with the checks a user needs. It is parsed with numpy, so that
+`stages.commands.predict` reads IDX files without importing torch; the stages take tensors.
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 
 from stages.core.datasets import Manifest
 from stages.core.errors import FileProblem, damaged, missing
+
+if TYPE_CHECKING:
+    import torch
 
 UNSIGNED_BYTE = 0x08  # the only element type MNIST-family files use
 GZIP_MAGIC = b"\x1f\x8b"
@@ -22,6 +27,13 @@ ROLE = {1: "labels: count", 2: "one image: height, width", 3: "images: count, he
 
 def read_idx(path: Path, dimensions: int) -> torch.Tensor:
     """Return the uint8 tensor stored in IDX file `path`, which must have `dimensions` dimensions."""
+    import torch
+
+    return torch.from_numpy(read_idx_array(path, dimensions))
+
+
+def read_idx_array(path: Path, dimensions: int) -> np.ndarray:
+    """`read_idx` as a numpy array."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -59,8 +71,8 @@ def read_idx(path: Path, dimensions: int) -> torch.Tensor:
             f"but the file has {len(data)} bytes ({defect})",
             "raw",
         )
-    # bytearray: frombuffer needs a writable buffer to hand out a tensor without a warning.
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8, offset=header_size).view(shape)
+    # bytearray: a writable buffer, which torch.from_numpy takes without a warning.
+    return np.frombuffer(bytearray(data), dtype=np.uint8, offset=header_size).reshape(shape)
 
 
 def read_split(images_path: Path, labels_path: Path, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,6 +20,8 @@ import numpy as np
 from PIL import Image, ImageFilter, ImageOps
 
 from stages.core.datasets import Frame
+from stages.core.errors import FileProblem
+from stages.core.idx import read_idx_array
 
 # How a file announces what it is; content decides, not the extension.
 SIGNATURES = {
@@ -123,14 +125,11 @@ def read_npy(data: bytes) -> np.ndarray:
 
 def read_idx_images(path: Path, dimensions: int) -> np.ndarray:
     """An IDX file of N x H x W (or one H x W) images, read by the pipeline's own checked reader."""
-    from stages.core.errors import FileProblem
-    from stages.core.idx import read_idx  # imports torch: only IDX inputs pay for it
-
     try:
-        images = read_idx(path, 2 if dimensions == 2 else 3)
+        images = read_idx_array(path, 2 if dimensions == 2 else 3)
     except FileProblem as error:
         raise UnreadableInput(error.problem) from None  # the problem alone: the path is the user's
-    return images.numpy()[None] if images.dim() == 2 else images.numpy()
+    return images[None] if images.ndim == 2 else images
 
 
 def decode_picture(data: bytes, kind: str) -> Image.Image:

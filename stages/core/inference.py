@@ -11,11 +11,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnxruntime
 
 from stages.core import products
 from stages.core.artifacts import read_tensors
 from stages.core.contract import Card, check_images, check_weights, expected_weights, read_card
 from stages.core.files import WEIGHTS
+
+QUIET = 4  # ONNX Runtime logs only what is fatal: its errors come back as exceptions, which name the file
 
 
 class NumpyClassifier:
@@ -43,8 +46,9 @@ class NumpyClassifier:
 
 
 class TorchClassifier:
-    """A cnn, run by torch behind NumpyClassifier's interface: convolutions are not worth a numpy copy here,
-    so only a cnn's predictions pay `import torch` (about 3 s of a cold start on the 2-core machine)."""
+    """A cnn or a network of the user's, run by torch behind NumpyClassifier's interface: convolutions are
+    not worth a numpy copy here, so only their predictions pay `import torch` (about 3 s of a cold start on
+    the 2-core machine)."""
 
     def __init__(self, folder: Path) -> None:
         from stages.core.model import load_model
@@ -64,7 +68,7 @@ class TorchClassifier:
 def load_classifier(folder: Path) -> tuple[NumpyClassifier | TorchClassifier, Card]:
     """The model in `folder`, its card and weights checked as `stages.core.model.load_model` checks them."""
     card = read_card(folder)
-    if card.architecture.model == "cnn":
+    if card.architecture.model not in ("logreg", "mlp"):
         return TorchClassifier(folder), card
     path = folder / WEIGHTS
     weights = read_tensors(path, "weights", numpy=True)
@@ -75,6 +79,19 @@ def load_classifier(folder: Path) -> tuple[NumpyClassifier | TorchClassifier, Ca
         found={name: (str(array.dtype), array.shape) for name, array in weights.items()},
     )
     return NumpyClassifier(card, weights), card
+
+
+def session_for(data: bytes) -> onnxruntime.InferenceSession:
+    """An ONNX Runtime session of the file's bytes, on the CPU, that logs nothing: its errors are exceptions."""
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = QUIET
+    return onnxruntime.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+
+
+def runtime_error(error: Exception) -> str:
+    """ONNX Runtime's message in one line, without its codes: `[ONNXRuntimeError] : 7 : INVALID_PROTOBUF : Failed
+    to load model because protobuf parsing failed.` -> `Failed to load model because protobuf parsing failed`."""
+    return str(error).split(" : ", 3)[-1].splitlines()[0].strip().rstrip(".")
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -1,7 +1,8 @@
 """The classifier, and saving/loading it as safetensors weights plus a JSON model card.
 
 A model takes uint8 images (B, H, W) and returns logits (B, classes): normalisation is its first step,
-so the saved model is usable for inference with nothing but its two files. Anything else (float pixels,
+so the saved model is usable for inference with nothing but its two files (a network of the user's also
+needs the file that defines it: stages/core/user_networks.py). Anything else (float pixels,
 another image size, a single H x W image) is refused with stages.core.contract's ImageInputError, which
 says how to convert. The card's types and the checks that need no torch are in stages/core/contract.py.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 import itertools
 import math
 from pathlib import Path
-from typing import Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -19,10 +20,27 @@ from torch import nn
 
 from stages.core import products
 from stages.core.artifacts import read_tensors, write_tensors
-from stages.core.contract import Architecture, Card, check_images, check_weights, layer_widths, read_card, write_card
+from stages.core.contract import (
+    BUILT_IN,
+    Architecture,
+    Card,
+    check_images,
+    check_weights,
+    layer_widths,
+    read_card,
+    write_card,
+)
 from stages.core.errors import FileProblem
 from stages.core.files import CARD, META, WEIGHTS
 from stages.core.splits import Meta
+from stages.core.user_networks import (
+    build_network,
+    check_outputs,
+    check_source,
+    data_arguments,
+    import_network,
+    source_of,
+)
 
 
 class PinnedLinear(torch.autograd.Function):
@@ -251,28 +269,59 @@ class ConvNet(nn.Module):
         return self.head(maps.permute(0, 3, 1, 2).flatten(1))  # (B, classes)
 
 
+class Normalised(nn.Module):
+    """A network of the user's behind the saved model's interface: uint8 images (B, H, W) in, logits (B,
+    classes) out. `net` receives float (B, 1, H, W) maps, (pixel / 255 - mean) / std."""
+
+    predict_batch = 1024  # as the cnn's: a network of unknown size predicts a moderate batch at once
+
+    def __init__(self, net: nn.Module, architecture: Architecture) -> None:
+        super().__init__()
+        self.net = net
+        self.image_shape = architecture.image_shape
+        register_normalisation(self, architecture)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        check_images(images, self.image_shape)
+        return self.net(images.unsqueeze(1).float() * self.scale + self.shift)  # (B, classes)
+
+
 def architecture_for(
-    model: Literal["logreg", "mlp", "cnn"], hidden: tuple[int, ...], meta: Meta, channels: tuple[int, ...] = ()
+    model: str,
+    hidden: tuple[int, ...],
+    meta: Meta,
+    channels: tuple[int, ...] = (),
+    args: dict[str, Any] | None = None,
 ) -> Architecture:
     """The network of `model` for the processed data described by `meta`; a logreg has no hidden layers, and
-    only the cnn has channels."""
+    only the cnn has channels. A network of the user's is imported (from the working folder first) to
+    record its source, and has only `args`."""
+    data = {"image_shape": meta.image_shape, "num_classes": len(meta.classes), "mean": meta.mean, "std": meta.std}
+    if model not in BUILT_IN:
+        source = source_of(import_network(model, Path.cwd()))
+        return Architecture(model=model, hidden=(), args=dict(args or {}), source=source, **data)
     return Architecture(
         model=model,
         hidden=hidden if model in ("mlp", "cnn") else (),
-        image_shape=meta.image_shape,
-        num_classes=len(meta.classes),
-        mean=meta.mean,
-        std=meta.std,
         channels=channels if model == "cnn" else None,
+        **data,
     )
 
 
-def build_model(architecture: Architecture) -> Classifier | ConvNet:
-    """The network `architecture` describes, with fresh weights from torch's global generator."""
-    return ConvNet(architecture) if architecture.model == "cnn" else Classifier(architecture)
+def build_model(architecture: Architecture) -> nn.Module:
+    """The network `architecture` describes, with fresh weights from torch's global generator; a network of
+    the user's is built, wrapped in Normalised and tried on a batch (stages.core.user_networks)."""
+    if architecture.built_in:
+        return ConvNet(architecture) if architecture.model == "cnn" else Classifier(architecture)
+    spec, shape, classes = architecture.model, architecture.image_shape, architecture.num_classes
+    factory = import_network(spec, Path.cwd())
+    network = build_network(spec, factory, data_arguments(factory, classes, shape) | (architecture.args or {}))
+    model = Normalised(network, architecture)
+    check_outputs(spec, model, shape, classes)
+    return model
 
 
-def init_model(architecture: Architecture, seed: int, device: torch.device) -> Classifier | ConvNet:
+def init_model(architecture: Architecture, seed: int, device: torch.device) -> nn.Module:
     """A new model with seeded initial weights, drawn on the CPU so that they are the same on every device."""
     torch.manual_seed(seed)
     return build_model(architecture).to(device)
@@ -285,14 +334,17 @@ def save_model(folder: Path, model: nn.Module, card: Card) -> None:
     write_card(folder, card)
 
 
-def load_model(folder: Path, device: torch.device | str = "cpu") -> tuple[Classifier | ConvNet, Card]:
-    """Rebuild a saved model from its card and weights; safetensors runs no pickled code.
+def load_model(folder: Path, device: torch.device | str = "cpu") -> tuple[nn.Module, Card]:
+    """Rebuild a saved model from its card and weights; safetensors runs no pickled code (a network of the
+    user's runs its own file, refused when it changed since training).
 
     Both files are checked against what `save_model` writes (the card's keys and types, one class name
     per output, every weight's name, dtype and shape), so a damaged or mismatched model is a FileProblem
     naming the file, never a model that evaluates "successfully".
     """
     card = read_card(folder)
+    if card.architecture.source is not None:
+        check_source(card.architecture.source, Path.cwd(), folder / CARD)
     model = build_model(card.architecture)
     weights = read_tensors(folder / WEIGHTS, "weights")
     check_weights(

@@ -50,7 +50,8 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
-    model: Literal["logreg", "mlp", "cnn"]
+    model: str  # logreg | mlp | cnn, or a network of the user's: FILE.py:NAME or MODULE:NAME
+    model_args: dict[str, Any] = {}  # the keyword arguments of a network of the user's (pydantic copies it)
     hidden: tuple[int, ...]  # hidden layer widths of the mlp, and of the cnn after its convolutions
     channels: tuple[int, ...]  # the cnn's convolution widths (3x3 conv, batch norm, ReLU, 2x2 max-pool each)
     optimizer: Literal["sgd", "adam", "adamw"]
@@ -77,12 +78,21 @@ class TrainConfig(BaseModel):
     def recipe(self) -> dict[str, Any]:
         """What the weights depend on besides the architecture, for the card.
 
-        `hidden`, `channels` and `device` are recorded elsewhere (the architecture, the device actually
+        `model_args`, `hidden`, `channels` and `device` are recorded elsewhere (the architecture, the device actually
         used), and `threads` not at all, so that a change that cannot change the weights leaves the model's
         bytes untouched; `processes` only when several trained, so that a one-process card keeps its bytes.
         """
-        left_out = {"model", "hidden", "channels", "device", "processes", "threads", "stop_after"}
-        recipe = self.model_dump(exclude=left_out)
+        recorded_elsewhere = {
+            "model",
+            "model_args",
+            "hidden",
+            "channels",
+            "device",
+            "processes",
+            "threads",
+            "stop_after",
+        }
+        recipe = self.model_dump(exclude=recorded_elsewhere)
         if self.processes > 1:
             recipe["processes"] = self.processes
         if self.stop_after:
