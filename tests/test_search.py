@@ -82,7 +82,7 @@ def val_losses(project: Path, rev: str) -> list[float]:
 
 
 BAD_SPACES = {
-    "unknown key": ({"train.learning_rate": [0.1]}, "train.learning_rate: unknown key; allowed keys: model, hidden"),
+    "unknown key": ({"train.learning_rate": [0.1]}, "train.learning_rate: unknown key; allowed keys: model, "),
     "unknown section": ({"optimizer.lr": [0.1]}, "optimizer.lr: unknown key; give a params key (data.*, preprocess.*"),
     "empty range": ({"train.lr": {"low": 0.1, "high": 0.01}}, "train.lr: an empty range (low 0.1 is not below high"),
     "empty list": ({"train.model": []}, "train.model: an empty list; give the values to try"),

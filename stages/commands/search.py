@@ -128,7 +128,8 @@ def checked_space(path: Path, params_file: Path) -> list[Dimension]:
             try:
                 parse_section(section, {**params.get(section, {}), key: value}, SECTIONS[section])
             except StageError as error:
-                raise StageError(f"{path}: {error} (the space tries {value!r})") from None
+                tried = f" (the space tries {value!r})" if key in SECTIONS[section].model_fields else ""
+                raise StageError(f"{path}: {error}{tried}") from None
     return dimensions
 
 
