@@ -13,16 +13,17 @@ SEARCH = (sys.executable, "-m", "stages.commands.search")
 SEARCH_PARAMS = TINY_PARAMS | {"train.epochs": 8, "train.batch_size": 10, "train.threads": 1}
 
 
-def make_search_project(root: Path) -> Path:
-    """A git repository of the project on a synthetic dataset of 4,000 training images, its pipeline run and
-    committed, so that a trial runs train and evaluate only."""
+def make_search_project(root: Path, reproduce: bool = True, **changes: object) -> Path:
+    """A git repository of the project on a synthetic dataset of 4,000 training images; `reproduce`: its
+    pipeline run and committed, so that a trial runs train and evaluate only."""
     project = copy_project(root / "project")
     register_dataset(project, TINY, write_dataset(root / "mirror", n_train=4000))
-    set_params(project, **SEARCH_PARAMS)
+    set_params(project, **SEARCH_PARAMS | changes)
     init_repo(project, "tiny project")
-    dvc(project, "repro")
-    run(project, "git", "add", "-A")
-    run(project, "git", "commit", "-qm", "results")
+    if reproduce:
+        dvc(project, "repro")
+        run(project, "git", "add", "-A")
+        run(project, "git", "commit", "-qm", "results")
     return project
 
 

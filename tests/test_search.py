@@ -81,22 +81,17 @@ def val_losses(project: Path, rev: str) -> list[float]:
     return [float(line.split("\t")[1]) for line in tsv.splitlines()[1:]]
 
 
-BAD_SPACES = {
-    "unknown key": ({"train.learning_rate": [0.1]}, "train.learning_rate: unknown key; allowed keys: model, "),
-    "unknown section": ({"optimizer.lr": [0.1]}, "optimizer.lr: unknown key; give a params key (data.*, preprocess.*"),
-    "empty range": ({"train.lr": {"low": 0.1, "high": 0.01}}, "train.lr: an empty range (low 0.1 is not below high"),
-    "empty list": ({"train.model": []}, "train.model: an empty list; give the values to try"),
-    "refused value": ({"train.batch_size": [0, 64]}, "train.batch_size: must be >= 1 (the space tries 0)"),
-    "refused end": ({"train.lr": {"low": -1.0, "high": 0.1}}, "train.lr: must be > 0 (the space tries -1.0)"),
-    "refused choice": ({"train.model": ["mlp", "resnet"]}, "train.model: got 'resnet'; allowed: logreg, mlp, cnn"),
-    "set by the search": ({"train.stop_after": [1, 2]}, "train.stop_after: unknown key; give a params key"),
-    "not a range": ({"train.lr": 0.1}, "train.lr: got 0.1; give a list of values or a range {low: ..., high: ...}"),
-}
-
-
-@pytest.mark.parametrize("case", BAD_SPACES, ids=list(BAD_SPACES))
-def test_a_bad_space_is_one_line_and_starts_nothing(project: Path, case: str) -> None:
-    space, line = BAD_SPACES[case]
+# The faults of the issue through the command itself; every other spelling, in-process: test_search_space.py.
+@pytest.mark.parametrize(
+    ("space", "line"),
+    [
+        ({"train.learning_rate": [0.1]}, "train.learning_rate: unknown key; allowed keys: model, "),
+        ({"train.lr": {"low": 0.1, "high": 0.01}}, "train.lr: an empty range (low 0.1 is not below high 0.01)"),
+        ({"train.batch_size": [0, 64]}, "train.batch_size: must be >= 1 (the space tries 0)"),
+    ],
+    ids=["unknown key", "empty range", "refused value"],
+)
+def test_a_bad_space_is_one_line_and_starts_nothing(project: Path, space: dict, line: str) -> None:
     path = space_file(project.parent / "space.yaml", space)
     before = run(project, "git", "status", "--porcelain").stdout
     result = run(project, *SEARCH, str(path), "--study", "bad", "--trials", "1", check=False)
@@ -115,21 +110,12 @@ def test_a_study_that_exists_with_another_space_is_refused(project: Path) -> Non
     assert load(project, "other").trials == []
 
 
-@pytest.mark.parametrize(
-    ("storage", "line"),
-    [
-        ("postgresql://search:secret@127.0.0.1:9/studies", "--storage postgresql://search:***@127.0.0.1:9/studies: "),
-        ("sqlite:////no/such/folder/search.db", "--storage sqlite:////no/such/folder/search.db: "),
-        ("elsewhere", "--storage 'elsewhere': not a database URL; give sqlite:///FILE or postgresql://"),
-    ],
-)
-def test_a_database_that_cannot_be_used_is_one_line(project: Path, storage: str, line: str) -> None:
+def test_an_unreachable_database_is_one_line(project: Path) -> None:
     space = space_file(project.parent / "space.yaml", {"train.lr": [0.01, 0.02]})
+    storage = "postgresql://search:secret@127.0.0.1:9/studies"  # nothing listens on port 9
     result = run(project, *SEARCH, str(space), "--study", "db", "--trials", "1", "--storage", storage, check=False)
-    error = one_line_error(result, f"search: error: {line}")
-    assert "secret" not in error
-    if storage.startswith(("postgresql", "sqlite")):
-        assert error.endswith("; start the database or fix the URL, then rerun"), error
+    error = one_line_error(result, "search: error: --storage postgresql://search:***@127.0.0.1:9/studies: ")
+    assert "secret" not in error and error.endswith("; start the database or fix the URL, then rerun"), error
 
 
 def test_a_worker_killed_mid_trial_leaves_the_study_going_on(project: Path) -> None:

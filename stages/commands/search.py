@@ -162,8 +162,7 @@ def open_study(name: str, storage_url: str, dimensions: list[Dimension], seed: i
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # each trial gets the search's own line instead
     with database_errors(storage_url):
-        with warnings.catch_warnings(category=optuna.exceptions.ExperimentalWarning, action="ignore"):
-            storage = optuna.storages.RDBStorage(storage_url, heartbeat_interval=HEARTBEAT_S)
+        storage = rdb_storage(storage_url)
         pruner = None if startup is None else optuna.pruners.MedianPruner(n_startup_trials=startup, n_warmup_steps=2)
         study = optuna.create_study(
             study_name=name,
@@ -183,6 +182,22 @@ def open_study(name: str, storage_url: str, dimensions: list[Dimension], seed: i
                 "the space it was started with"
             )
     return study
+
+
+def rdb_storage(storage_url: str, attempts: int = 5):
+    """Optuna's storage in the database, its tables made on first use. Workers started together on an empty
+    database each create the tables; all but one then find them made under their feet, and try again."""
+    import optuna
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
+
+    for attempt in range(1, attempts + 1):
+        try:
+            with warnings.catch_warnings(category=optuna.exceptions.ExperimentalWarning, action="ignore"):
+                return optuna.storages.RDBStorage(storage_url, heartbeat_interval=HEARTBEAT_S)
+        except (IntegrityError, ProgrammingError):
+            if attempt == attempts:
+                raise
+            time.sleep(0.5 * attempt)
 
 
 @contextlib.contextmanager
