@@ -31,11 +31,16 @@ import time
 from pathlib import Path
 
 from benchmarks.isolated import run_isolated
+from benchmarks.results import ratio, recorded
 
 TARGET = 0.91
 RAW = Path("data/raw")
 PROCESSED = Path("data/processed")
 NET_FLOP = 72e6  # forward + backward of the example's Net, per image (README, Models)
+# What each ratio is, as the tables of the README and docs/speed.md name it (benchmarks/figures.py).
+TIME_LABEL = f"pytorch/examples' mnist time to {TARGET} test accuracy / the cnn's"
+FLOOR_LABEL = "the example's Net trained the project's way, epoch / its compute floor"
+MEMORY_LABEL = "the cnn's peak memory / pytorch/examples' mnist"
 
 
 def example_net():
@@ -235,16 +240,17 @@ def main() -> None:
         f"(c) the example's Net, the project's way: {c['epoch_s']:.1f} s/epoch; compute floor {c['floor_s']:.1f} s "
         f"(72 MFLOP x 55,000 images at {c['gflops']:.0f} GFLOP/s: a square {args.precision} matmul on {args.device})"
     )
-    if a is not None and a["to_target_s"] and b["to_target_s"]:
-        print(f"time to {TARGET}, (a)/(b): {a['to_target_s'] / b['to_target_s']:.1f}x  (target >= 5x)")
-    elif a is not None:
-        print(f"time to {TARGET}, (a)/(b): not comparable, a variant did not reach {TARGET}")
-    print(f"epoch / compute floor, (c): {c['epoch_s'] / c['floor_s']:.2f}x  (target <= 1.5x)")
-    if a is not None:
-        print(
-            f"peak memory (b)/(a): {b['peak_mb']:.0f} MB / {a['peak_mb']:.0f} MB = {b['peak_mb'] / a['peak_mb']:.2f}x"
-            "  (target <= 1x)"
-        )
+    with recorded("cnn_speed") as figures:
+        if a is not None and a["to_target_s"] and b["to_target_s"]:
+            detail = f"{a['to_target_s']:.1f} / {b['to_target_s']:.1f} s"
+            figures["time_to_target"] = ratio(TIME_LABEL, a["to_target_s"] / b["to_target_s"], 1, ">= 5x", detail)
+        elif a is not None:
+            print(f"time to {TARGET}, (a)/(b): not comparable, a variant did not reach {TARGET}")
+        detail = f"{c['epoch_s']:.1f} / {c['floor_s']:.1f} s"
+        figures["epoch_over_floor"] = ratio(FLOOR_LABEL, c["epoch_s"] / c["floor_s"], 2, "<= 1.5x", detail)
+        if a is not None:
+            detail = f"{b['peak_mb']:,.0f} / {a['peak_mb']:,.0f} MB"
+            figures["peak_memory"] = ratio(MEMORY_LABEL, b["peak_mb"] / a["peak_mb"], 2, "<= 1x", detail)
     print(f"load average at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
     print(json.dumps({"example": a, "project": b, "floor": c}))
 

@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from benchmarks.isolated import run_isolated
+from benchmarks.results import figure, recorded
 from stages.core.folders import FOLDER_FRAME, find_classes, frame_pictures, list_pictures
 
 DEBIAN = Path("/usr/share/datasets/fashion-mnist")
@@ -51,7 +52,7 @@ def write_folder(root: Path, count: int) -> None:
 
 def pictures_of(root: Path) -> list[tuple[str, int]]:
     return [p for split in ("train", "test") if (root / split).is_dir()
-            for p in list_pictures(root, split, find_classes(root / split))]  # fmt: skip
+            for p in list_pictures(root, split, find_classes(root / split))[0]]  # fmt: skip
 
 
 def decode(root: str) -> dict:
@@ -90,6 +91,14 @@ def main() -> None:
     for name, result in rows.items():
         rate = result["pictures"] / result["seconds"]
         print(f"{name:<18} {rate:>9,.0f} pictures/s  {rate / base_rate:5.2f}x decode  {result['peak_mb']:.0f} MB peak")
+    with recorded("folder_speed") as figures:
+        for name, result in rows.items():
+            rate = result["pictures"] / result["seconds"]
+            target = f">= {TARGET:,} pictures/s" if name.startswith("acquire") and not name.endswith("1 CPU") else None
+            detail = f"{rate / base_rate:.2f}x decode, {result['peak_mb']:.0f} MB peak, {count:,} pictures"
+            figures[name.replace(", ", "_").replace(" ", "_")] = figure(
+                f"{name}, pictures/s", round(rate), f"{rate:,.0f}", target, detail
+            )
 
 
 if __name__ == "__main__":

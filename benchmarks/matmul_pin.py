@@ -29,6 +29,7 @@ import resource
 import time
 
 from benchmarks.isolated import run_isolated
+from benchmarks.results import ratio, recorded
 
 # (M, K, N): a (M, K) @ (K, N) product, or "over rows" (M, K).T @ (M, N) -> (K, N), a sum over the M rows.
 CNN_BATCH, LINEAR_BATCH = 128, 1024  # the recipes' batch sizes (README, Models; params.yaml)
@@ -51,6 +52,10 @@ PRODUCTS = {
 }
 # What steers the kernels of torch and numpy: the plain variant clears it, so that each library chooses.
 KERNEL_VARIABLES = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA", "OPENBLAS_CORETYPE")
+# What each ratio is, as the tables of the README and docs/speed.md name it (benchmarks/figures.py).
+SLOWEST_LABEL = "the slowest product of logreg, mlp and cnn, pinned / torch's own (MKL), CPU time"
+ALL_LABEL = "all the products together, pinned / torch's own"
+CNN_LABEL = "one cnn epoch / the same net in plain PyTorch (`nn.Conv2d`)"
 
 
 def load_torch(pinned: bool):
@@ -185,16 +190,20 @@ def main() -> None:
             f"{label:45s} {wall * 1e3:15.3f} {free_wall * 1e3:7.3f} {wall / free_wall:5.2f}x   {cpu * 1e3:14.3f} "
             f"{free_cpu * 1e3:7.3f} {cpu / free_cpu:5.2f}x"
         )
-    for index, clock in enumerate(("wall", "CPU")):
-        total = sum(pinned[name][index] for name in PRODUCTS) / sum(free[name][index] for name in PRODUCTS)
-        print(f"all products, {clock}: {total:.2f}x")
-    epoch = run_isolated(cnn_epoch, pinned=True, threads=args.threads, images=args.images)
-    plain = run_isolated(cnn_epoch, pinned=False, threads=args.threads, images=args.images)
-    print(
-        f"cnn epoch ({args.images} images, batch {CNN_BATCH}): pinned ConvNet {epoch['wall']:.1f} s "
-        f"({epoch['cpu']:.1f} CPU s), plain PyTorch nn.Conv2d {plain['wall']:.1f} s ({plain['cpu']:.1f} CPU s): "
-        f"{epoch['wall'] / plain['wall']:.2f}x wall, {epoch['cpu'] / plain['cpu']:.2f}x CPU (target <= 1.0)"
-    )
+    with recorded("matmul_pin") as figures:
+        slowest = max(PRODUCTS, key=lambda name: pinned[name][1] / free[name][1])
+        worst = pinned[slowest][1] / free[slowest][1]
+        figures["slowest_product_cpu"] = ratio(SLOWEST_LABEL, worst, 2, "<= 1.15x", slowest)
+        for index, clock in enumerate(("wall", "CPU")):
+            total = sum(pinned[name][index] for name in PRODUCTS) / sum(free[name][index] for name in PRODUCTS)
+            figures[f"all_products_{clock.lower()}"] = ratio(f"{ALL_LABEL}, {clock} time", total, 2)
+        epoch = run_isolated(cnn_epoch, pinned=True, threads=args.threads, images=args.images)
+        plain = run_isolated(cnn_epoch, pinned=False, threads=args.threads, images=args.images)
+        print(f"cnn epoch ({args.images} images, batch {CNN_BATCH})")
+        for clock in ("wall", "cpu"):
+            detail = f"{epoch[clock]:.1f} / {plain[clock]:.1f} s"
+            label = f"{CNN_LABEL}, {'wall-clock' if clock == 'wall' else 'CPU time'}"
+            figures[f"cnn_epoch_{clock}"] = ratio(label, epoch[clock] / plain[clock], 2, "<= 1.0x", detail)
     print(f"load average at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
 

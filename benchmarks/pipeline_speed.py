@@ -25,11 +25,16 @@ from pathlib import Path
 
 import yaml
 
+from benchmarks.results import ratio, recorded
 from benchmarks.stage_times import measure
 from tests.helpers import PROJECT, copy_project, init_repo, run
 
 DEBIAN = Path("/usr/share/datasets/fashion-mnist")
 STARTS = 3
+# What each ratio is, as the tables of the README and docs/speed.md name it (benchmarks/figures.py).
+SCRIPT_LABEL = "the tutorial as one script / `dvc repro` from scratch"
+NOOP_LABEL = "no-op `dvc repro` / a one-stage DVC project's no-op"
+STARTUP_LABEL = 'the slowest stage start-up / `python -c "import torch"`'
 
 TUTORIAL = """
 import gzip, shutil, sys, tempfile
@@ -103,10 +108,28 @@ def stage_commands(project: Path) -> dict[str, list[str]]:
     return {name: shlex.split(stage["cmd"])[3:] for name, stage in stages.items()}
 
 
+def stage_splits(project: Path, import_torch: float) -> dict[str, dict[str, float]]:
+    """Each stage run alone, the fastest start of STARTS: its seconds split, and its start-up over `import_torch`."""
+    print(f"each stage run alone (python -m stages.X as dvc.yaml runs it; the fastest start of {STARTS}), seconds:")
+    print(f"{'stage':11s} {'total':>6s} {'interpreter+imports':>20s} {'reading':>8s} {'compute':>8s} {'writing':>8s}")
+    splits = {}
+    for name, args in stage_commands(project).items():
+        t = min((measure(name, args, str(project)) for _ in range(STARTS)), key=lambda t: t["imports_s"])
+        over_torch = t["imports_s"] / import_torch
+        splits[name] = {**{key: round(value, 2) for key, value in t.items()}, "over_torch": round(over_torch, 2)}
+        print(
+            f"{name:11s} {t['total_s']:6.2f} {t['imports_s']:20.2f} {t['reading_s']:8.2f} {t['compute_s']:8.2f} "
+            f"{t['writing_s']:8.2f}  start-up / import torch {over_torch:.2f}x",
+            flush=True,
+        )
+    return splits
+
+
 def main() -> None:
     """Each figure printed as soon as it is measured: the tutorial script, the longest, comes last."""
     epochs = yaml.safe_load((PROJECT / "params.yaml").read_text())["train"]["epochs"]
-    with tempfile.TemporaryDirectory() as temp:
+    stages: dict[str, dict[str, float]] = {}
+    with recorded("pipeline_speed", stages=stages) as figures, tempfile.TemporaryDirectory() as temp:
         project = init_repo(copy_project(Path(temp) / "project"), "copy")
         scratch, _ = timed(project, "dvc", "repro")
         accuracy = yaml.safe_load((project / "metrics" / "test.json").read_text())["accuracy"]
@@ -114,25 +137,22 @@ def main() -> None:
         unchanged = noop(project)
         floor = dvc_floor(Path(temp) / "one-stage")
         print(f"dvc repro, nothing changed:        {unchanged:7.2f} s   (best of 5, as below)")
-        print(f"one-stage DVC project, no-op:      {floor:7.2f} s   (DVC's own floor)")
-        print(f"no-op dvc repro / one-stage project's no-op: {unchanged / floor:.2f}x  (target <= 1.3x)", flush=True)
+        print(f"one-stage DVC project, no-op:      {floor:7.2f} s   (DVC's own floor)", flush=True)
+        figures["noop_over_floor"] = ratio(
+            NOOP_LABEL, unchanged / floor, 2, "<= 1.3x", f"{unchanged:.2f} / {floor:.2f} s"
+        )
         # A start-up and its baseline alike: the fastest of STARTS, as the no-ops above are of 5.
         import_torch = min(timed(Path(temp), sys.executable, "-c", "import torch")[0] for _ in range(STARTS))
         print(f"python -c 'import torch':          {import_torch:7.2f} s   (fastest of {STARTS}, as below)")
-        print(f"each stage run alone (python -m stages.X as dvc.yaml runs it; the fastest start of {STARTS}), seconds:")
-        print(
-            f"{'stage':11s} {'total':>6s} {'interpreter+imports':>20s} {'reading':>8s} {'compute':>8s} {'writing':>8s}"
-        )
-        for name, args in stage_commands(project).items():
-            t = min((measure(name, args, str(project)) for _ in range(STARTS)), key=lambda t: t["imports_s"])
-            print(
-                f"{name:11s} {t['total_s']:6.2f} {t['imports_s']:20.2f} {t['reading_s']:8.2f} {t['compute_s']:8.2f} "
-                f"{t['writing_s']:8.2f}  start-up / import torch {t['imports_s'] / import_torch:.2f}x (target <= 1.3x)",
-                flush=True,
-            )
+        stages.update(stage_splits(project, import_torch))
+        slowest = max(stages, key=lambda name: stages[name]["imports_s"])
+        detail = f"{slowest}'s: {stages[slowest]['imports_s']:.2f} / {import_torch:.2f} s"
+        figures["startup"] = ratio(STARTUP_LABEL, stages[slowest]["over_torch"], 2, "<= 1.3x", detail)
         script, out = timed(Path(temp), sys.executable, "-c", TUTORIAL, str(DEBIAN), str(epochs), timeout=3600)
-    print(f"tutorial as one script ({epochs} epochs):  {script:7.2f} s   {out.strip()}")
-    print(f"tutorial script / dvc repro from scratch: {script / scratch:.2f}x  (target >= 3x)")
+        print(f"tutorial as one script ({epochs} epochs):  {script:7.2f} s   {out.strip()}")
+        figures["script_over_repro"] = ratio(
+            SCRIPT_LABEL, script / scratch, 2, ">= 3x", f"{script:.1f} / {scratch:.1f} s"
+        )
 
 
 if __name__ == "__main__":

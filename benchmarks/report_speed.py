@@ -17,6 +17,7 @@ It prints each one's median wall-clock and CPU time, and their ratios to `dvc pl
 from __future__ import annotations
 
 import argparse
+import re
 import resource
 import shutil
 import statistics
@@ -26,6 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.results import ratio, recorded
 from tests.helpers import PROJECT, project_env
 
 BROWSER = ("chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking")
@@ -77,9 +79,13 @@ def main() -> None:
         wall_base, cpu_base = (statistics.median(t[i] for t in times["dvc plots diff --json"]) for i in (0, 1))
         print(f"{' '.join(args.revisions)}, {args.repeat} runs each, offline: {offline(['x'])[0] == 'unshare'}")
         print(f"{'':40s} {'wall':>8s} {'ratio':>6s} {'cpu':>8s} {'ratio':>6s}")
-        for name, runs in times.items():
-            wall, cpu = (statistics.median(t[i] for t in runs) for i in (0, 1))
-            print(f"{name:40s} {wall:6.2f} s {wall / wall_base:5.2f}x {cpu:6.2f} s {cpu / cpu_base:5.2f}x")
+        with recorded("report_speed") as figures:
+            for name, runs in times.items():
+                wall, cpu = (statistics.median(t[i] for t in runs) for i in (0, 1))
+                print(f"{name:40s} {wall:6.2f} s {wall / wall_base:5.2f}x {cpu:6.2f} s {cpu / cpu_base:5.2f}x")
+                if runs is not times["dvc plots diff --json"]:
+                    label, detail = f"{name} / `dvc plots diff --json`, CPU time", f"{cpu:.2f} / {cpu_base:.2f} s"
+                    figures[re.sub(r"\W+", "_", name).strip("_")] = ratio(label, cpu / cpu_base, 2, None, detail)
 
 
 if __name__ == "__main__":

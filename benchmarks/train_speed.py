@@ -31,9 +31,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 from benchmarks.isolated import run_isolated
+from benchmarks.results import ratio, recorded
 
 TARGET = 0.842
 REPEATS = 3  # timed fits of (b) and (c), the fastest counted
+# What each ratio is, as the tables of the README and docs/speed.md name it (benchmarks/figures.py).
+FLOOR_LABEL = "logreg epoch / its floor (the epoch's two products, each in the faster of MKL and OpenBLAS)"
+EAGER_LABEL = "(e) eager PyTorch's plainest step / the same floor"
+PINNED_EAGER_LABEL = "(e') the same step under the pin / the same floor"
+TUTORIAL_LABEL = "tutorial loop epoch / logreg epoch"
+PIN_LABEL = "(b) / (b'): the logreg epoch pinned / unpinned"
+SKLEARN_LABEL = f"scikit-learn's time to {TARGET} test accuracy / the logreg's"
 RAW = Path("data/raw")
 PROCESSED = Path("data/processed")
 
@@ -331,18 +339,24 @@ def main() -> None:
     print(f"(e') pinned    {e_pinned['epoch_s']:9.3f}  the same under the pin, {e_pinned['note']}")
     print(f"(f) floor      {f['epoch_s']:9.3f}  the epoch's matrix products alone, {f['note']}")
     a, b, unpinned, c = results.values()
-    print(f"epoch time (b)/(f), the project's epoch over its floor: {b['epoch_s'] / f['epoch_s']:.1f}x  (target <= 2x)")
-    print(f"epoch time (e)/(f), eager PyTorch's own step over that floor: {e['epoch_s'] / f['epoch_s']:.1f}x")
-    print(f"epoch time (e')/(f), the same under the pin: {e_pinned['epoch_s'] / f['epoch_s']:.1f}x")
-    print(f"epoch time (a)/(b), the tutorial over the project: {a['epoch_s'] / b['epoch_s']:.1f}x  (target >= 40x)")
-    print(f"epoch time (b)/(b'), the price of pinned numerics: {b['epoch_s'] / unpinned['epoch_s']:.2f}x")
-    if b["to_target_s"] and c["to_target_s"]:
-        print(
-            f"time to {TARGET} (c)/(b), scikit-learn over the project: "
-            f"{c['to_target_s'] / b['to_target_s']:.1f}x  (target >= 15x)"
+    with recorded("train_speed") as figures:
+        figures["logreg_epoch_over_floor"] = ratio(
+            FLOOR_LABEL, b["epoch_s"] / f["epoch_s"], 1, "<= 2x", f"{b['epoch_s']:.3f} / {f['epoch_s']:.3f} s"
         )
-    else:
-        print(f"time to {TARGET} (c)/(b): not comparable, a variant did not reach {TARGET}")
+        figures["eager_over_floor"] = ratio(EAGER_LABEL, e["epoch_s"] / f["epoch_s"], 1, None, f"{e['epoch_s']:.3f} s")
+        figures["eager_pinned_over_floor"] = ratio(
+            PINNED_EAGER_LABEL, e_pinned["epoch_s"] / f["epoch_s"], 1, None, f"{e_pinned['epoch_s']:.3f} s"
+        )
+        figures["tutorial_over_logreg"] = ratio(
+            TUTORIAL_LABEL, a["epoch_s"] / b["epoch_s"], 1, ">= 40x", f"{a['epoch_s']:.2f} / {b['epoch_s']:.3f} s"
+        )
+        figures["pinned_over_unpinned"] = ratio(PIN_LABEL, b["epoch_s"] / unpinned["epoch_s"], 2)
+        if b["to_target_s"] and c["to_target_s"]:
+            sklearn_s, project_s = c["to_target_s"], b["to_target_s"]
+            detail = f"{sklearn_s:.2f} / {project_s:.2f} s"
+            figures["sklearn_over_logreg"] = ratio(SKLEARN_LABEL, sklearn_s / project_s, 1, ">= 15x", detail)
+        else:
+            print(f"time to {TARGET} (c)/(b): not comparable, a variant did not reach {TARGET}")
 
 
 def price_the_pin(repeats: int) -> None:

@@ -5,7 +5,8 @@ stage with one line on stderr that names the problem and the fix, and a non-zero
 bugs only. The core raises its own exceptions (stages.core.errors), which say what is wrong; this module
 and the stage shells add what to type: the params key, the DVC command. Under `dvc repro` / `dvc exp run`,
 a refusal also puts back the cached outputs that DVC deleted before running the stage (see
-restore_outputs), so a typo in params.yaml loses nothing. The machine's own faults (a full disk, a
+restore_outputs), so a typo in params.yaml loses nothing; so does an interruption (Ctrl-C, SIGTERM), which
+is one line too. The machine's own faults (a full disk, a
 file-size limit, out of memory) are one line too: the path or the params key, the cause and what to do.
 """
 
@@ -18,11 +19,12 @@ import logging
 import os
 import platform
 import re
+import signal
 import sys
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from stages import numerics
 from stages.core.errors import CoreError, FileProblem, SettingError
@@ -57,6 +59,8 @@ MACHINE_FIXES = {
 }
 PERMISSION_FIXES = dict.fromkeys((errno.EACCES, errno.EPERM), "fix the permissions there, then rerun")
 MEMORY_FIX = "free memory (close other programs), or run on a machine with more"
+# What the stage says when interrupted, after what was restored: where the next run starts (train's epoch).
+_interrupted_notes: list[Callable[[], str]] = []
 
 
 class StageError(Exception):
@@ -178,13 +182,15 @@ def run(main: Callable[[], None], record: FailureRecord | None = None) -> None:
             "so that any x86-64 CPU computes the same bytes (README, Reproducibility)"
         )
     log_to_stderr()
+    if "WORLD_SIZE" not in os.environ:  # a training process is stopped by its launcher, which reports it
+        signal.signal(signal.SIGTERM, _interrupt)  # a kill (a scheduler, `dvc queue kill`) is a Ctrl-C
     if not isinstance(sys.stdout, NamedOutput):
         sys.stdout = NamedOutput(sys.stdout)
     try:
         main()
         sys.stdout.flush()  # what was printed reaches its file here, where a failure is still one line
     except KeyboardInterrupt:
-        sys.exit(130)
+        interrupted()
     except Exception as error:
         line = failure_line(error)
         if record is not None:
@@ -192,6 +198,26 @@ def run(main: Callable[[], None], record: FailureRecord | None = None) -> None:
         if line is None:
             raise  # a bug: its traceback follows
         fail(line)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def when_interrupted(note: Callable[[], str]) -> None:
+    """Add `note()` to the line an interruption prints (what the next run continues from)."""
+    _interrupted_notes.append(note)
+
+
+def interrupted() -> NoReturn:
+    """Put back what DVC deleted, say so in one line, and exit 130 (128 + SIGINT, as a shell reports it)."""
+    if "WORLD_SIZE" not in os.environ:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not stop the restoring
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        restored = restore_outputs()
+        kept = f"the previous {', '.join(restored)} restored from DVC's cache" if restored else "no output written"
+        print("; ".join([f"{prog()}: interrupted", kept, *(note() for note in _interrupted_notes)]), file=sys.stderr)
+    sys.exit(130)
 
 
 def failure_line(error: Exception) -> str | None:
@@ -281,3 +307,19 @@ def restore_outputs() -> list[str]:
     except Exception as error:  # never let the rescue hide the stage's own message
         print(f"warning: could not restore the previous outputs from DVC's cache ({error})", file=sys.stderr)
         return []
+
+
+def stage_deps() -> list[Path] | None:
+    """Under `dvc repro` / `dvc exp run`, the deps dvc.yaml lists for this stage, as absolute paths (templated
+    ones left out); None when DVC did not run the stage (DVC sets DVC_STAGE and DVC_ROOT for its command)."""
+    stage_name, root = os.environ.get("DVC_STAGE"), os.environ.get("DVC_ROOT")
+    if not stage_name or not root:
+        return None
+    from ruamel.yaml import YAML  # as DVC reads dvc.yaml
+
+    try:
+        stages = YAML(typ="safe").load((Path(root) / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+        deps = stages[stage_name.rpartition(":")[2]].get("deps") or []
+    except (OSError, KeyError, TypeError, ValueError):  # the dvc.yaml DVC has just read: not expected
+        return None
+    return [Path(root, dep) for dep in deps if isinstance(dep, str) and "${" not in dep]

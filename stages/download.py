@@ -8,11 +8,12 @@ files, with a manifest listing every picture (stages/core/folders.py, docs/own-i
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlparse
 
-from stages.cli import StageError, argument_parser, explained, run, warn
+from stages.cli import StageError, argument_parser, explained, run, stage_deps, warn
 from stages.core.datasets import Manifest, load_registry, lookup, write_manifest
 from stages.core.fetch import SCHEMES, fetch_file, prepare_folder
 from stages.core.folders import FOLDER_FRAME, UnreadablePicture, acquire
@@ -79,9 +80,27 @@ def acquire_folder(folder: Path, out: Path, unreadable: str) -> Manifest:
             lookup(str(folder))  # the line that lists the registered names, and says that a folder works too
         prepare_folder(out, None)
         try:
-            return acquire(folder, out, FOLDER_FRAME, skip)
+            manifest = acquire(folder, out, FOLDER_FRAME, skip)
         except UnreadablePicture as error:
             raise StageError(f"{error}; fix or remove it, or set data.unreadable: skip") from None
+    warn_if_unseen(folder, stage_deps())
+    return manifest
+
+
+def warn_if_unseen(folder: Path, deps: list[Path] | None) -> None:
+    """Under DVC, a folder that no dep of this stage holds is never seen to change: a changed picture would
+    rerun nothing. Say so at every run that reads it, with the command that makes DVC see it."""
+    if deps is None or any(folder.resolve().is_relative_to(dep.resolve()) for dep in deps):
+        return
+    root, name = Path(os.environ["DVC_ROOT"]).resolve(), folder.resolve().name
+    if folder.resolve().is_relative_to(root):
+        fix = f"move it into pictures/ and version it: dvc add pictures/{name}"
+    else:
+        fix = f"import it into the project: dvc import-url {folder.resolve()} pictures/{name}"
+    warn(
+        f"data.dataset: DVC does not see {folder} (no dep of download holds it): a changed picture there "
+        f"reruns nothing; {fix}, and set data.dataset: pictures/{name} (docs/own-images.md)"
+    )
 
 
 if __name__ == "__main__":

@@ -35,7 +35,8 @@ from stages.cli import StageError, explained, warn
 from stages.core.artifacts import scratch_folder
 from stages.core.distributed import PEER_STOPPED, ProcessesFailed, World, first_line
 from stages.core.errors import SettingError
-from stages.core.runtime import autocast_for, available_cores, resolve_device, resolve_threads
+from stages.core.runtime import autocast_for, available_cores, check_memory, resolve_device, resolve_threads
+from stages.core.splits import Meta
 
 ADDRESS = "127.0.0.1"  # where `launch`'s processes meet: this machine only
 LOGS = "train-processes"  # the name of `launch`'s temporary folder
@@ -132,10 +133,20 @@ def threads_here(threads: int | Literal["auto"], processes: int, world: World | 
     """The CPU threads of each process on this machine; the first process here warns when they outnumber
     its cores."""
     local_processes = world.local_size if world else processes // nodes.count
-    resolved = resolve_threads(threads, local_processes)
+    with explained("train.threads"):
+        resolved = resolve_threads(threads, local_processes)
     if world is None or world.local_rank == 0:
         warn_if_oversubscribed(resolved, local_processes)
     return resolved
+
+
+def fits_in_memory(processes: int, meta: Meta) -> None:
+    """Refuse `processes` processes on this machine that its memory cannot hold, each with the training and
+    validation splits it loads (uint8 images, int64 labels)."""
+    height, width = meta.image_shape
+    data_bytes = (meta.sizes["train"] + meta.sizes["val"]) * (height * width + 8)
+    with explained("train.processes", fix="lower train.processes"):
+        check_memory(processes, data_bytes)
 
 
 def warn_if_oversubscribed(threads: int, processes: int = 1) -> None:

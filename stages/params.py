@@ -115,6 +115,14 @@ def require(condition: bool, key: str, rule: str) -> None:
         raise RangeError(f"{key}: {rule}")
 
 
+def check_share(key: str, size: int | float) -> None:
+    """A part of a set: a count (an int >= 1) or a fraction (a float between 0 and 1, both excluded)."""
+    if isinstance(size, int):
+        require(size >= 1, key, "must be >= 1 (a count of images), or a fraction between 0 and 1")
+    else:
+        require(0 < size < 1, key, f"{size}: a fraction must be between 0 and 1 (or give a count of images)")
+
+
 def check_device(key: str, device: str) -> None:
     require(
         DEVICE_PATTERN.fullmatch(device) is not None,

@@ -15,19 +15,21 @@ from stages.core.artifacts import atomic_directory
 from stages.core.datasets import read_manifest
 from stages.core.idx import read_raw
 from stages.core.splits import describe, hold_out, save_split, split_train_val, write_meta
-from stages.params import Params, load_section, require
+from stages.params import Params, check_share, load_section
 
 
 class PreprocessParams(Params):
-    """`preprocess`: how the training set is split into train and validation."""
+    """`preprocess`: how the training set is split into train and validation. A size is a count of images
+    (an int) or a fraction of the images it is taken from (a float in (0, 1), rounded up, as scikit-learn's
+    `test_size`)."""
 
-    val_size: int  # images held out of the training set for validation
-    test_size: int  # images held out as the test split, only when the dataset has none (a folder without test/)
+    val_size: int | float  # held out of the training set for validation
+    test_size: int | float  # held out of all images as the test split, only when the dataset has none
     seed: int
 
     def check(self) -> None:
-        require(self.val_size >= 1, "preprocess.val_size", "must be >= 1")
-        require(self.test_size >= 1, "preprocess.test_size", "must be >= 1")
+        check_share("preprocess.val_size", self.val_size)
+        check_share("preprocess.test_size", self.test_size)
 
 
 def main() -> None:

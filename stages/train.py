@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from stages.cli import argument_parser, explained, memory_set_by, numerics_in_effect, run
+from stages.cli import argument_parser, explained, memory_set_by, numerics_in_effect, run, when_interrupted
 from stages.core.artifacts import atomic_directory, copy_folder, named_as, remove_stale_temporaries_below
 from stages.core.contract import BUILT_IN, Architecture
 from stages.core.curves import write_curves
@@ -26,7 +26,16 @@ from stages.core.resume import Checkpoint, input_key
 from stages.core.runtime import make_deterministic, set_cpu_threads
 from stages.core.splits import Meta, load_split, read_meta
 from stages.core.training import EpochLog, TrainConfig, TrainState, fit
-from stages.launcher import device_here, guard_worker, launch, nodes_of, record_failure, threads_here, world_of
+from stages.launcher import (
+    device_here,
+    fits_in_memory,
+    guard_worker,
+    launch,
+    nodes_of,
+    record_failure,
+    threads_here,
+    world_of,
+)
 from stages.params import Params, check_device, load_section, require
 
 
@@ -63,7 +72,7 @@ def main() -> None:
     device = device_here(params.device, params.precision, params.processes, world, nodes)
     threads = threads_here(params.threads, params.processes, world, nodes)
     if world is None and params.processes > 1:
-        read_meta(args.data)  # a missing input is one line from here, before any process starts
+        fits_in_memory(params.processes // nodes.count, read_meta(args.data))  # one line, before any process starts
         launch(params.processes, ["-m", "stages.train", *sys.argv[1:]], nodes, args.peer_timeout)
         return
     world = world or SINGLE  # decided here, once: the loop below only wraps the model and shards each batch
@@ -170,6 +179,7 @@ def open_checkpoint(
         "architecture": architecture.model_dump(mode="json")
     }
     checkpoint = Checkpoint(folder / input_key(inputs, data))
+    when_interrupted(checkpoint.next_run)
     resume = checkpoint.load()
     if resume and resume.epoch > (params.stop_after or params.epochs):
         resume = None  # saved past where this run stops: start over

@@ -14,6 +14,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -338,3 +339,45 @@ def sgd_epoch(lr: float, batch_size: int, momentum: float = 0.0) -> FitConfig:
         seed=0,
         precision="fp32",
     )
+
+
+class StageForks:
+    """`python -m stages.X ARGS` run by forks of one warm Python (tests/stage_forks.py) started in `cwd`: the
+    same module as __main__, the same output and exit status, without an interpreter's start and the
+    imports of torch each time. For tests that run the stages' command lines many times in one folder;
+    the environment a stage reads when it starts (the numerics' variables) is the server's, project_env()."""
+
+    def __init__(self, cwd: Path) -> None:
+        self.folder = Path(tempfile.mkdtemp(prefix="stage-forks-"))
+        self.server = subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name("stage_forks.py"))],
+            cwd=cwd,
+            env=project_env(),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
+    def run(
+        self, cwd: Path, *command: str, check: bool = True, kill_at: int | None = None, env: dict | None = None
+    ) -> subprocess.CompletedProcess:
+        """As helpers.run(cwd, *command) for a `python -m stages...` command; `kill_at`: see stage_forks.py."""
+        _, flag, module, *args = command
+        assert flag == "-m" and module.startswith("stages."), command
+        out, err = self.folder / "stdout", self.folder / "stderr"
+        request = {"module": module, "args": args, "cwd": str(cwd), "env": env or {}, "kill_at": kill_at}
+        self.server.stdin.write(json.dumps({**request, "stdout": str(out), "stderr": str(err)}) + "\n")
+        self.server.stdin.flush()
+        status = self.server.stdout.readline()
+        assert status, f"tests/stage_forks.py ended (exit {self.server.poll()}) before running {module}"
+        code = int(status)
+        result = subprocess.CompletedProcess(list(command), code, out.read_text(), err.read_text())
+        if check and code != 0:
+            output = f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+            raise AssertionError(f"{' '.join(command)} exited {code}\n{output}")
+        return result
+
+    def close(self) -> None:
+        self.server.stdin.close()
+        self.server.wait(timeout=60)
+        shutil.rmtree(self.folder, ignore_errors=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ import pytest
 import torch
 import yaml
 from helpers import (
+    StageForks,
     dead_pid,
     dvc,
     make_tiny_project,
@@ -42,6 +44,15 @@ OUTPUTS = ("data", "models", "metrics")
 def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny project, reproduced and committed once for the module; each test puts it back as it was."""
     return reproduced_tiny_project(tmp_path_factory.mktemp("faults"))
+
+
+@pytest.fixture(scope="module")
+def forks(pipeline: Path) -> Iterator[StageForks]:
+    """The stages' command lines in `pipeline`, each a fork of one warm Python: a process start each, not an
+    interpreter's and torch's import each."""
+    forks = StageForks(pipeline)
+    yield forks
+    forks.close()
 
 
 @pytest.fixture
@@ -231,7 +242,9 @@ FILE_FAULTS = [
 
 
 @pytest.mark.parametrize(("stage", "relative", "damage", "fix"), FILE_FAULTS)
-def test_damaged_input_file_is_named_in_one_line(project: Path, tmp_path: Path, stage, relative, damage, fix) -> None:
+def test_damaged_input_file_is_named_in_one_line(
+    project: Path, forks: StageForks, tmp_path: Path, stage, relative, damage, fix
+) -> None:
     target = project / relative
     content = target.read_bytes()
     target.unlink()  # a file DVC linked from its cache: damage a copy, never the cache behind it
@@ -240,24 +253,25 @@ def test_damaged_input_file_is_named_in_one_line(project: Path, tmp_path: Path, 
     command = stage_command(project, stage)
     out = tmp_path / "out"
     command[command.index("--out") + 1] = str(out)
-    line = one_line_error(run(project, *command, check=False), f"{stage}: error: ")
+    line = one_line_error(forks.run(project, *command, check=False), f"{stage}: error: ")
     assert relative in line and fix in line
     assert not out.exists()
 
 
 # (5) A diverging run stops, names the epoch, writes nothing.
-def test_infinite_learning_rate_stops_training(project: Path, tmp_path: Path) -> None:
+def test_infinite_learning_rate_stops_training(project: Path, forks: StageForks, tmp_path: Path) -> None:
     params = project / "params.yaml"
     params.write_text(params.read_text().replace("lr: 0.03", "lr: .inf"))
     command = stage_command(project, "train")
     command[command.index("--out") + 1] = str(tmp_path / "models")
-    line = one_line_error(run(project, *command, check=False), "train: error: train.lr: training diverged in epoch 1")
+    result = forks.run(project, *command, check=False)
+    line = one_line_error(result, "train: error: train.lr: training diverged in epoch 1")
     assert "lower train.lr" in line
     assert not (tmp_path / "models").exists()
 
 
 # (1) Temporaries: only a dead run's, for the same output, are removed.
-def test_stage_removes_only_its_own_dead_temporaries(project: Path, tmp_path: Path) -> None:
+def test_stage_removes_only_its_own_dead_temporaries(project: Path, forks: StageForks, tmp_path: Path) -> None:
     notes = tmp_path / ".tmp-my-notes.txt"
     notes.write_text("precious")
     live = tmp_path / f".tmp-models.{os.getpid()}.abcdefgh"  # another run, still going
@@ -269,14 +283,16 @@ def test_stage_removes_only_its_own_dead_temporaries(project: Path, tmp_path: Pa
     stale.mkdir()
     command = stage_command(project, "train")
     command[command.index("--out") + 1] = str(tmp_path / "models")
-    run(project, *command)
+    forks.run(project, *command)
     assert notes.read_text() == "precious"
     assert (live / "weights").read_text() == "half-written" and sibling.is_dir()
     assert not stale.exists()
     assert (tmp_path / "models" / "model.json").is_file()
 
 
-def test_a_killed_runs_half_written_curve_is_not_copied_into_the_model(project: Path, tmp_path: Path) -> None:
+def test_a_killed_runs_half_written_curve_is_not_copied_into_the_model(
+    project: Path, forks: StageForks, tmp_path: Path
+) -> None:
     # The live folder outlives its runs: a run killed between creating a curve's temporary and renaming it
     # leaves the temporary there, and the next run copies that folder into the model's.
     curves = project / "dvclive" / "plots" / "metrics" / "val"
@@ -285,36 +301,50 @@ def test_a_killed_runs_half_written_curve_is_not_copied_into_the_model(project: 
     stale.write_text("")
     command = stage_command(project, "train")
     command[command.index("--out") + 1] = str(tmp_path / "models")
-    run(project, *command)
+    forks.run(project, *command)
     assert not stale.exists()
     assert not list((tmp_path / "models").rglob(".tmp-*"))
     assert (tmp_path / "models" / "training" / "plots" / "metrics" / "val" / "loss.tsv").is_file()
 
 
 # (8) Small ones.
-def test_help_names_the_command_a_user_types(project: Path) -> None:
+def test_help_names_the_command_a_user_types(project: Path, forks: StageForks) -> None:
     for stage in ("download", "preprocess", "train", "evaluate"):
-        usage = run(project, sys.executable, "-m", f"stages.{stage}", "--help").stdout
+        usage = forks.run(project, sys.executable, "-m", f"stages.{stage}", "--help").stdout
         assert usage.startswith(f"usage: python -m stages.{stage} "), usage
 
 
 @pytest.mark.parametrize("stage", ["download", "preprocess", "train", "evaluate"])
-def test_unwritable_out_is_one_line(project: Path, tmp_path: Path, stage: str) -> None:
+def test_unwritable_out_is_one_line(project: Path, forks: StageForks, tmp_path: Path, stage: str) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     command = stage_command(project, stage)
     command[command.index("--out") + 1] = str(blocker / "out")
-    one_line_error(run(project, *command, check=False), f"{stage}: error: {blocker}")
+    one_line_error(forks.run(project, *command, check=False), f"{stage}: error: {blocker}")
 
 
-def test_more_threads_than_cores_warns(project: Path, tmp_path: Path) -> None:
-    set_params(project, **{"train.threads": 1000})
+def test_more_threads_or_processes_than_the_machine_runs_are_refused_before_anything_starts(
+    project: Path, tmp_path: Path
+) -> None:
+    """More threads than the machine has CPUs, or processes whose memory (measured at start) is more than it
+    has: one line with the number that fits, before a thread or process starts."""
     command = stage_command(project, "train")
     command[command.index("--out") + 1] = str(tmp_path / "models")
-    result = run(project, *command)
-    cores = len(os.sched_getaffinity(0))
-    warnings = [line for line in result.stderr.splitlines() if "warning: train.threads" in line]
-    assert len(warnings) == 1 and f"{cores} CPU cores" in warnings[0], result.stderr
+    cpus = os.cpu_count()
+    set_params(project, **{"train.threads": 100000})
+    line = one_line_error(run(project, *command, check=False, timeout=60), "train: error: train.threads: ")
+    wanted = f"100000 threads, more than the {cpus} CPUs of this machine run at once; set {cpus} or fewer (or auto)"
+    assert line == f"train: error: train.threads: {wanted}"
+
+    set_params(project, **{"train.threads": 1, "train.processes": 100000})
+    line = one_line_error(
+        run(project, *command, check=False, timeout=60), "train: error: train.processes: 100000 processes of "
+    )
+    fit = int(re.search(r"; at most (\d+) fit; lower train.processes$", line)[1])
+    assert 0 < fit < 100000 and re.search(
+        r" MiB each \(measured at start, with the data each loads\) need [\d.]+ GiB, more than ", line
+    )
+    assert not (tmp_path / "models").exists()
 
 
 # (7) Experiments from a checkout whose path is not ASCII, with a space.

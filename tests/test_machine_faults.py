@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers import (
+    StageForks,
     dvc,
     one_line_error,
     project_env,
@@ -45,6 +46,15 @@ PAGE = 4096  # tmpfs hands out space in pages: each small file takes one
 def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny project, reproduced and committed once for the module; each test puts it back as it was."""
     return reproduced_tiny_project(tmp_path_factory.mktemp("machine"))
+
+
+@pytest.fixture(scope="module")
+def forks(pipeline: Path) -> Iterator[StageForks]:
+    """The stages' command lines in `pipeline`, each a fork of one warm Python: for the tests that run one
+    many times, a process start each, not an interpreter's and torch's import each."""
+    forks = StageForks(pipeline)
+    yield forks
+    forks.close()
 
 
 @pytest.fixture
@@ -104,9 +114,11 @@ def temporaries(folder: Path) -> list[Path]:
 
 # A full disk: one line naming the output, nothing left there.
 @pytest.mark.parametrize("stage", ["preprocess", "train", "evaluate"])
-def test_a_full_disk_ends_a_stage_in_one_line_leaving_nothing(project: Path, tmp_path: Path, stage: str) -> None:
+def test_a_full_disk_ends_a_stage_in_one_line_leaving_nothing(
+    project: Path, forks: StageForks, tmp_path: Path, stage: str
+) -> None:
     with tmpfs(tmp_path / "disk", 16) as disk:
-        result = run(project, *with_out(project, stage, disk / "out"), check=False)
+        result = forks.run(project, *with_out(project, stage, disk / "out"), check=False)
         line = one_line_error(result, f"{stage}: error: {disk / 'out'}")
         assert "No space left on device; free space there" in line
         assert list(disk.iterdir()) == []
@@ -150,9 +162,9 @@ def test_a_local_remote_on_a_full_or_read_only_disk_is_the_machine_not_the_keys(
 
 
 # Other faults of the file system and of the process's limits.
-def test_a_read_only_file_system_is_one_line(project: Path, tmp_path: Path) -> None:
+def test_a_read_only_file_system_is_one_line(project: Path, forks: StageForks, tmp_path: Path) -> None:
     with tmpfs(tmp_path / "disk", 64, "ro") as disk:
-        result = run(project, *with_out(project, "evaluate", disk / "metrics"), check=False)
+        result = forks.run(project, *with_out(project, "evaluate", disk / "metrics"), check=False)
         line = one_line_error(result, f"evaluate: error: {disk / 'metrics'}: Read-only file system")
         assert "remount it read-write, or write elsewhere" in line
 
@@ -275,27 +287,6 @@ def test_a_batch_that_cannot_fit_in_memory_names_its_key(project: Path, tmp_path
 # trained briefly with a small learning rate: every number in it differs.
 NEW_MODEL = {"train.lr": 0.0003, "train.epochs": 1}
 
-# Runs the stage, but kills it (SIGKILL) right after its KILL_AT-th file operation: each file ends in
-# os.replace (stages.core.artifacts.atomic_file) or shutil.copyfile (copy_folder); a folder is removed
-# with shutil.rmtree (the old report, once switched out; a killed run's temporaries).
-KILLED_AT = """
-import os, runpy, shutil, signal, sys
-
-kill_at, done = int(os.environ["KILL_AT"]), [0]
-
-def counted(function):
-    def call(*args, **kwargs):
-        result = function(*args, **kwargs)
-        done[0] += 1
-        if done[0] == kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return result
-    return call
-
-os.replace, shutil.copyfile, shutil.rmtree = counted(os.replace), counted(shutil.copyfile), counted(shutil.rmtree)
-runpy.run_module(sys.argv.pop(1), run_name="__main__", alter_sys=True)
-"""
-
 
 def evaluate_new_model(project: Path, out: Path) -> list[str]:
     """The evaluate stage's command for NEW_MODEL (trained on the first call) writing into `out`."""
@@ -315,16 +306,18 @@ def new_report(project: Path, folder: Path) -> dict[str, str]:
     return snapshot(folder)
 
 
-def test_a_kill_at_each_file_leaves_the_whole_old_report_or_the_whole_new(project: Path, tmp_path: Path) -> None:
+def test_a_kill_at_each_file_leaves_the_whole_old_report_or_the_whole_new(
+    project: Path, forks: StageForks, tmp_path: Path
+) -> None:
+    """The stage killed (SIGKILL) right after its first file operation, then its second, and so on until it
+    runs to its end (stage_forks.py counts them: each os.replace, shutil.copyfile and shutil.rmtree)."""
     report = project / "metrics"
     old, new = snapshot(report), new_report(project, tmp_path / "new")
     assert old.keys() == new.keys() and all(old[name] != new[name] for name in old if "/plots/" not in name)
-    python, module, *arguments = evaluate_new_model(project, report)
-    assert module == "-m"
+    command = evaluate_new_model(project, report)
     states = []
     for kill_at in itertools.count(1):
-        env = {**project_env(), "KILL_AT": str(kill_at)}
-        killed = subprocess.run([python, "-c", KILLED_AT, *arguments], cwd=project, env=env, capture_output=True)
+        killed = forks.run(project, *command, check=False, kill_at=kill_at)
         state = snapshot(report)
         assert state in (old, new), f"killed after file {kill_at}: a mix of two reports"
         states.append("new" if state == new else "old")
@@ -337,7 +330,7 @@ def test_a_kill_at_each_file_leaves_the_whole_old_report_or_the_whole_new(projec
 
 
 def test_a_disk_that_fills_at_each_file_leaves_the_whole_old_report_or_the_whole_new(
-    project: Path, tmp_path: Path
+    project: Path, forks: StageForks, tmp_path: Path
 ) -> None:
     with tmpfs(tmp_path / "disk", 512) as disk:
         report = disk / "metrics"
@@ -346,7 +339,7 @@ def test_a_disk_that_fills_at_each_file_leaves_the_whole_old_report_or_the_whole
         named = set()
         for pages in itertools.count(0):
             filler = fill(disk, leave=pages * PAGE)
-            result = run(project, *evaluate_new_model(project, report), check=False)
+            result = forks.run(project, *evaluate_new_model(project, report), check=False)
             filler.unlink()
             state = snapshot(report)
             assert state in (old, new), f"{pages} pages free: a mix of two reports"

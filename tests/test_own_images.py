@@ -8,7 +8,9 @@ pictures, and the IDX files the pictures were written from for the framed images
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from helpers import DEBIAN_MIRROR, NEEDS_REAL_DATA, PROJECT, dvc, project_env, run, set_params, stages_run
 from PIL import Image
 
@@ -73,14 +76,14 @@ def test_classes_and_order_are_torchvisions(pictures: tuple[Path, dict[str, np.n
     assert list(find_classes(root / "train")) == names
     expected = [(Path(path).relative_to(root).as_posix(), label)
                 for path, label in make_dataset(str(root / "train"), class_to_index, IMG_EXTENSIONS)]  # fmt: skip
-    assert list_pictures(root, "train", tuple(names)) == expected
+    assert list_pictures(root, "train", tuple(names)) == (expected, [])
 
 
 def test_framed_pictures_are_the_images_they_were_written_from(pictures: tuple[Path, dict[str, np.ndarray]]) -> None:
     root, chosen = pictures
     images, labels = fashion_mnist("train")
     classes = find_classes(root / "train")
-    framed, framed_labels, listed = frame_pictures(root, list_pictures(root, "train", classes), FOLDER_FRAME, None)
+    framed, framed_labels, listed = frame_pictures(root, list_pictures(root, "train", classes)[0], FOLDER_FRAME, None)
     order = [int(Path(picture.file).stem) for picture in listed]  # the index each file was written from
     assert sorted(order) == sorted(chosen["train"].tolist())
     np.testing.assert_array_equal(framed, images[order])
@@ -96,7 +99,7 @@ def test_mixed_sizes_are_framed_not_refused(tmp_path: Path) -> None:
     photo = np.full((90, 60, 3), 250, np.uint8)
     photo[10:80, 15:45] = (200, 20, 20)
     Image.fromarray(photo).save(tmp_path / "train" / "b" / "photo.jpg", quality=95)
-    framed, _, _ = frame_pictures(tmp_path, list_pictures(tmp_path, "train", ("a", "b")), FOLDER_FRAME, None)
+    framed, _, _ = frame_pictures(tmp_path, list_pictures(tmp_path, "train", ("a", "b"))[0], FOLDER_FRAME, None)
     assert framed.shape == (2, 28, 28)
     assert np.abs(framed[0].astype(int) - images[0]).mean() < 0.5  # the enlargement, reduced back
     assert framed[1][:, 14].max() > 0 and framed[1][:, 0].max() == 0  # the photo trimmed, fitted and centred
@@ -157,8 +160,8 @@ def test_bad_folders_are_one_line_each(tiny_project: Path, tmp_path: Path) -> No
     result = download(tiny_project)
     assert result.returncode == 1
     assert result.stderr == (
-        f"download: error: data.dataset: {root}/test/Coat: no pictures (PNG or JPEG) in this class folder; "
-        "add some or remove it\n"
+        f"download: error: data.dataset: {root}/test/Coat: no pictures (.jpg .jpeg .png .ppm .bmp .pgm .tif .tiff "
+        ".webp) in this class folder; add some or remove it\n"
     )
     set_params(tiny_project, **{"data.dataset": str(tmp_path / "missing")})
     result = download(tiny_project)
@@ -251,3 +254,89 @@ def test_without_a_test_folder_preprocess_holds_out_a_seeded_test_split(
     set_params(tiny_project, **{"preprocess.seed": 1})
     run(tiny_project, *preprocess)
     assert (tiny_project / "data" / "processed" / "test.safetensors").read_bytes() != first  # the seed chose
+
+
+@pytest.mark.e2e
+def test_every_imagefolder_format_is_read_and_other_files_are_named(tiny_project: Path, tmp_path: Path) -> None:
+    """A picture in each of torchvision's IMG_EXTENSIONS is acquired (the lossless ones as the very image they
+    were saved from); a file that is not a picture is named in one warning; hidden files are not."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    root = tmp_path / "formats"
+    images, _ = fashion_mnist("t10k")
+    for label, name in enumerate(("Bag", "Coat")):
+        folder = root / "train" / name
+        folder.mkdir(parents=True)
+        for index, extension in enumerate(IMG_EXTENSIONS):
+            picture = Image.fromarray(images[label * 20 + index])
+            options = {"lossless": True} if extension == ".webp" else {}
+            (picture.convert("RGB") if extension == ".ppm" else picture).save(folder / f"{index}{extension}", **options)
+        (folder / ".DS_Store").write_bytes(bytes(10))
+    (root / "train" / "Bag" / "notes.txt").write_text("where the bags came from")
+    set_params(tiny_project, **{"data.dataset": str(root)})
+    result = download(tiny_project)
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if "warning" in line]
+    assert warnings == [f"download: warning: {root}: 1 file is not pictures ({' '.join(IMG_EXTENSIONS)}) "
+                        "and left out: train/Bag/notes.txt"]  # fmt: skip
+    assert f"download: {root}: {2 * len(IMG_EXTENSIONS)} train pictures in 2 classes" in result.stderr
+    manifest = json.loads((tiny_project / "data" / "raw" / "dataset.json").read_text())
+    listed = [entry["file"] for entry in manifest["pictures"]["train"]]
+    assert sorted(Path(file).suffix for file in listed) == sorted(2 * IMG_EXTENSIONS)
+    raw = (tiny_project / "data" / "raw" / "train-images-idx3-ubyte").read_bytes()
+    acquired = np.frombuffer(raw, np.uint8, offset=16).reshape(-1, 28, 28)
+    for (position, file), image in zip(enumerate(listed), acquired, strict=True):
+        label, index = ("Bag", "Coat").index(file.split("/")[1]), int(Path(file).stem)
+        if not file.endswith((".jpg", ".jpeg")):
+            np.testing.assert_array_equal(image, images[label * 20 + index], err_msg=f"{position}: {file}")
+
+
+@pytest.mark.e2e
+def test_default_split_sizes_fit_a_folder_of_a_few_hundred_pictures(tiny_project: Path, tmp_path: Path) -> None:
+    """params.yaml's own val_size and test_size (fractions) on a folder without test/: the stages run."""
+    root = tmp_path / "few"
+    images, _ = fashion_mnist("t10k")
+    for name in ("Bag", "Coat"):
+        (root / "train" / name).mkdir(parents=True)
+    for index in range(300):
+        Image.fromarray(images[index]).save(root / "train" / ("Bag", "Coat")[index % 2] / f"{index}.png")
+    committed = yaml.safe_load((PROJECT / "params.yaml").read_text())["preprocess"]
+    set_params(
+        tiny_project, **{"data.dataset": str(root)}, **{f"preprocess.{key}": value for key, value in committed.items()}
+    )
+    assert download(tiny_project).returncode == 0
+    run(tiny_project, "python", "-m", "stages.preprocess", "--raw", "data/raw", "--out", "data/processed")
+    meta = json.loads((tiny_project / "data" / "processed" / "meta.json").read_text())
+    test = math.ceil(300 * committed["test_size"])
+    val = math.ceil((300 - test) * committed["val_size"])
+    assert meta["sizes"] == {"train": 300 - test - val, "val": val, "test": test} and val >= 10 and test >= 10
+
+
+@pytest.mark.e2e
+def test_a_folder_dvc_cannot_see_is_named_at_each_run_and_its_import_is_seen_to_change(
+    tiny_project: Path, tmp_path: Path
+) -> None:
+    """A folder outside the project: each run of download says that DVC cannot see it change, and how to
+    make it seen; imported as the line says (`dvc import-url`), a changed picture reruns download once
+    `dvc update` took it."""
+    outside = tmp_path / "outside" / "shoes"
+    write_image_folder(outside, {"train": 60, "test": 20})
+    set_params(tiny_project, **{"data.dataset": str(outside)})
+    result = dvc(tiny_project, "repro", "download")
+    fix = f"import it into the project: dvc import-url {outside} pictures/shoes"
+    assert (
+        f"download: warning: data.dataset: DVC does not see {outside} (no dep of download holds it): a changed "
+        f"picture there reruns nothing; {fix}, and set data.dataset: pictures/shoes (docs/own-images.md)"
+    ) in result.stderr.splitlines(), result.stderr
+
+    dvc(tiny_project, "import-url", str(outside), "pictures/shoes")
+    set_params(tiny_project, **{"data.dataset": "pictures/shoes"})
+    result = dvc(tiny_project, "repro", "download")
+    assert stages_run(result) == ["download"] and "does not see" not in result.stderr, result.stderr
+    first = sorted((outside / "train" / "Bag").iterdir())[0]
+    Image.fromarray(np.asarray(Image.open(first))[::-1]).save(first)  # the same bag, upside down
+    dvc(tiny_project, "update", "pictures/shoes.dvc")
+    assert stages_run(dvc(tiny_project, "repro", "download")) == ["download"]
+    manifest = json.loads((tiny_project / "data" / "raw" / "dataset.json").read_text())
+    (entry,) = [entry for entry in manifest["pictures"]["train"] if entry["file"] == f"train/Bag/{first.name}"]
+    assert entry["sha256"] == hashlib.sha256(first.read_bytes()).hexdigest()

@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import PROJECT, idx_bytes, project_env, synthetic_split
+from helpers import NEEDS_REAL_DATA, PROJECT, idx_bytes, project_env, synthetic_split
 from PIL import Image
+from test_own_images import fashion_mnist
 
 from stages.core.contract import Card, ImageInputError
 from stages.core.datasets import load_registry
@@ -188,7 +189,7 @@ def test_cli_bad_inputs_are_one_line_each_and_the_rest_is_predicted(model_dir: P
     bad = {
         "corrupt.png": "damaged PNG file",
         "cut.jpg": "damaged JPEG file",
-        "notes.txt": "not a PNG, JPEG, .npy (uint8, HxW or NxHxW) or IDX file",
+        "notes.txt": "not a PNG, JPEG, BMP, TIFF, PPM/PGM, WebP, .npy (uint8, HxW or NxHxW) or IDX file",
         "empty": "empty folder: no files to predict",
         "float.npy": "got float64 pixels; the model takes uint8 pixels 0-255",
         "small.npy": "got 20x20 images; the model takes 28x28 images",
@@ -216,3 +217,63 @@ def test_cli_without_a_model_says_where_to_get_one(tmp_path: Path) -> None:
         "predict: error: models: no model here (model.json missing); in the project run `dvc repro` or "
         "`dvc pull`, elsewhere fetch one: dvc artifacts get <repo> classifier --rev <version>\n"
     )
+
+
+@pytest.fixture(scope="module")
+def fashion_logreg(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A logreg trained for a few seconds on 5,000 Fashion-MNIST training images."""
+    images, labels = (torch.from_numpy(array[:5000].copy()) for array in fashion_mnist("train"))
+    mean, std = (images.float() / 255).mean().item(), (images.float() / 255).std().item()
+    meta = Meta(dataset="fashion-mnist", classes=CLASSES, image_shape=(28, 28), sizes={"train": 1}, mean=mean, std=std)
+    architecture = architecture_for("logreg", (), meta)
+    torch.manual_seed(0)
+    model = Classifier(architecture)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(3):
+        for batch in torch.randperm(len(images), generator=torch.Generator().manual_seed(0)).split(500):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(images[batch]), labels[batch].long()).backward()
+            optimizer.step()
+    folder = tmp_path_factory.mktemp("fashion-logreg")
+    save_model(folder, model, Card(architecture=architecture, classes=CLASSES, dataset="fashion-mnist"))
+    return folder
+
+
+@NEEDS_REAL_DATA
+@pytest.mark.parametrize("factor", [2, 5, 10])
+def test_inverted_enlargements_agree_with_the_original_for_every_common_filter(
+    fashion_logreg: Path, factor: int
+) -> None:
+    """Dark-on-light test images enlarged with nearest, bilinear, bicubic and lanczos: predict's framing gives
+    the model's prediction on the 28x28 image for at least 97% of them (bicubic's and lanczos's overshoot is
+    clipped at the light background)."""
+    from threadpoolctl import threadpool_limits
+
+    model, _ = load_model(fashion_logreg)
+    images = fashion_mnist("t10k")[0][:100]
+    original = model(torch.from_numpy(images.copy())).argmax(1)
+    with threadpool_limits(1):  # the reduction's products are small: BLAS threads would only fight
+        for resample in ("NEAREST", "BILINEAR", "BICUBIC", "LANCZOS"):
+            framed = np.stack([
+                fit_picture(Image.fromarray(255 - image).resize((28 * factor,) * 2, Image.Resampling[resample]),
+                            FASHION, (28, 28))[0]
+                for image in images
+            ])  # fmt: skip
+            agree = (model(torch.from_numpy(framed)).argmax(1) == original).float().mean().item()
+            assert agree >= 0.97, (resample, factor, agree)
+
+
+@NEEDS_REAL_DATA
+@pytest.mark.e2e
+def test_cli_agrees_on_inverted_bicubic_enlargements(fashion_logreg: Path, tmp_path: Path) -> None:
+    """Through the command line: test images, dark on light, enlarged 5x bicubic."""
+    model, _ = load_model(fashion_logreg)
+    images = fashion_mnist("t10k")[0][:100]
+    for index, image in enumerate(images):
+        Image.fromarray(255 - image).resize((140, 140), Image.Resampling.BICUBIC).save(tmp_path / f"{index:03d}.png")
+    result = predict_cli(tmp_path, "--model", str(fashion_logreg), "--json", ".")
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    original = model(torch.from_numpy(images.copy())).argmax(1)
+    agree = np.mean([row["class"] == CLASSES[original[int(row["file"][:3])]] for row in rows])
+    assert len(rows) == 100 and agree >= 0.97, agree

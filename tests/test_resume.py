@@ -75,3 +75,50 @@ def test_killed_repro_resumes_to_the_bytes_of_an_uninterrupted_run(long_project:
     assert "resuming" not in uninterrupted.stdout
     assert {p.name: p.read_bytes() for p in (fresh / "models").iterdir() if p.is_file()} == resumed_bytes
     assert (fresh / "models" / "training" / "metrics.json").read_bytes() == resumed_log
+
+
+def interrupt_repro(project: Path, line_prefix: str, signum: int, whole_group: bool) -> tuple[int, str]:
+    """Start `dvc repro`, and once a line starts with `line_prefix`, send `signum` to the whole process group
+    (Ctrl-C in a terminal) or to the stage's process alone (a scheduler's SIGTERM); its exit status and output."""
+    import psutil
+
+    process = subprocess.Popen(
+        ["dvc", "repro", "train"], cwd=project, env=project_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, start_new_session=True,
+    )  # fmt: skip
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if line.startswith(line_prefix):
+            if whole_group:
+                os.killpg(process.pid, signum)
+            else:
+                (stage,) = [
+                    child for child in psutil.Process(process.pid).children() if "stages.train" in child.cmdline()
+                ]
+                stage.send_signal(signum)
+            break
+    lines += process.stdout.readlines()
+    return process.wait(timeout=120), "".join(lines)
+
+
+def test_an_interrupted_train_puts_the_previous_model_back_and_says_where_the_next_run_continues(
+    long_project: Path,
+) -> None:
+    set_params(long_project, **{"train.epochs": 1})
+    dvc(long_project, "repro", "train")
+    previous = (long_project / "models" / "model.json").read_bytes()
+    set_params(long_project, **{"train.epochs": 6})
+    restored = "train: interrupted; the previous models restored from DVC's cache; the next run continues after epoch"
+
+    status, output = interrupt_repro(long_project, "train: epoch 2/6", signal.SIGTERM, whole_group=False)
+    assert status != 0 and "Traceback" not in output, output
+    (line,) = [line for line in output.splitlines() if "interrupted" in line]
+    done = int(line.removeprefix(f"{restored} "))  # the epoch whose line was read, or the next if the signal was late
+    assert done in (2, 3) and (long_project / "models" / "model.json").read_bytes() == previous, output
+
+    status, output = interrupt_repro(long_project, f"train: epoch {done + 1}/6", signal.SIGINT, whole_group=True)
+    assert f"train: resuming after epoch {done} of 6" in output and status != 0 and "Traceback" not in output, output
+    (line,) = [line for line in output.splitlines() if "interrupted" in line]
+    assert line in (f"{restored} {done + 1}", f"{restored} {done + 2}"), output
+    assert (long_project / "models" / "model.json").read_bytes() == previous

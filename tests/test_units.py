@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import dead_pid, sgd_epoch
+import yaml
+from helpers import PROJECT, dead_pid, sgd_epoch
 from threadpoolctl import threadpool_info
 
 from stages.core import artifacts, products
@@ -28,7 +29,7 @@ from stages.core.model import (
     save_model,
 )
 from stages.core.runtime import autocast_for, available_cores, resolve_device, resolve_threads, set_cpu_threads
-from stages.core.splits import Meta, pixel_statistics, split_train_val
+from stages.core.splits import Meta, pixel_statistics, share_of, split_train_val
 from stages.core.training import EpochLog, epoch_order, fit, make_optimizer, make_schedule
 
 CLASSES = tuple(str(k) for k in range(10))
@@ -184,7 +185,7 @@ def test_after_set_threads_a_product_maps_no_memory_but_its_result() -> None:
 def test_auto_threads_are_the_cores_this_process_may_use() -> None:
     cores = len(os.sched_getaffinity(0))
     assert available_cores() == cores
-    assert resolve_threads("auto") == cores and resolve_threads(3) == 3
+    assert resolve_threads("auto") == cores and resolve_threads(1) == 1
     assert resolve_threads("auto", processes=2 * cores) == 1  # never none
 
 
@@ -365,3 +366,12 @@ def test_a_switch_killed_between_the_fallbacks_renames_leaves_one_set_and_no_lef
     assert seen == ("old" if killed_after == "first rename" else "new")
     assert (path / "test.json").read_text() == "next"
     assert sorted(entry.name for entry in tmp_path.iterdir()) == ["metrics"]
+
+
+def test_the_default_validation_split_of_a_registered_dataset_is_5000_images() -> None:
+    """params.yaml's val_size (a fraction) holds out what the count 5000 did: the same bytes as before."""
+    val_size = yaml.safe_load((PROJECT / "params.yaml").read_text())["preprocess"]["val_size"]
+    images, labels = torch.arange(60000).view(-1, 1, 1).to(torch.uint8).expand(-1, 2, 2), torch.arange(60000)
+    assert share_of(val_size, 60000) == 5000
+    by_fraction, by_count = split_train_val(images, labels, val_size, 0), split_train_val(images, labels, 5000, 0)
+    assert all(torch.equal(by_fraction[name][1], by_count[name][1]) for name in ("train", "val"))

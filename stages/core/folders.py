@@ -4,7 +4,8 @@ framed into images, and the list of what it held.
     <root>/train/<class>/<picture>   and   <root>/test/<class>/<picture>
 
 Class names and their order are the folder names, sorted, as torchvision's `find_classes` gives them;
-pictures are the PNG and JPEG files below each class folder, sorted by path (hidden files skipped). Each is
+pictures are the files below each class folder with one of torchvision's IMG_EXTENSIONS, sorted by path
+(hidden files skipped; any other file is named in one warning and left out, as ImageFolder leaves it). Each is
 framed by `stages.core.images.fit_picture`, the function predict frames a photo with, into `FOLDER_FRAME`.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import itertools
+import logging
 import os
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -23,7 +25,9 @@ import numpy as np
 from stages.core.artifacts import atomic_file
 from stages.core.datasets import ROLES, Frame, Manifest
 from stages.core.errors import SettingError
-from stages.core.images import UnreadableInput, decode_picture, files_under, fit_picture, read_file
+from stages.core.images import PICTURES, UnreadableInput, decode_picture, files_under, fit_picture, read_file
+
+log = logging.getLogger(__name__)
 
 SPLIT_FOLDERS = ("train", "test")
 CHUNK = 2000  # pictures per task when framing on several CPUs: a pool pays off from two chunks on
@@ -35,7 +39,9 @@ RAW_NAMES = dict(
         strict=True,
     )
 )
-EXTENSIONS = (".png", ".jpg", ".jpeg")  # torchvision's IMG_EXTENSIONS that PIL decodes here
+# torchvision's IMG_EXTENSIONS, all of which PIL decodes; the file's content decides its format.
+EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+NAMED = 5  # files named in the warning about files that are not pictures; the rest are counted
 MAX_CLASSES = 256  # IDX labels are unsigned bytes
 # Pictures of any size are framed as Fashion-MNIST frames a product shot (trimmed, longest edge to the
 # side, centred), anti-aliased rather than subsampled: a user's photos are larger than the thumbnails
@@ -76,20 +82,33 @@ def find_classes(split: Path) -> tuple[str, ...]:
     return classes
 
 
-def list_pictures(root: Path, split: str, classes: tuple[str, ...]) -> list[tuple[str, int]]:
-    """(relative path, label) of every picture of `split`, by class then path; SettingError for an empty class."""
-    pictures = []
+def list_pictures(root: Path, split: str, classes: tuple[str, ...]) -> tuple[list[tuple[str, int]], list[str]]:
+    """(relative path, label) of every picture of `split`, by class then path, and the relative paths of the
+    other files there (not pictures by their extension); SettingError for a class without pictures."""
+    pictures, others = [], []
     for label, name in enumerate(classes):
         folder = root / split / name
-        found = [
-            os.path.relpath(file, root).replace(os.sep, "/")
-            for file in files_under(folder)
-            if file.lower().endswith(EXTENSIONS)
-        ]
+        found = []
+        for file in files_under(folder):
+            relative = os.path.relpath(file, root).replace(os.sep, "/")
+            (found if file.lower().endswith(EXTENSIONS) else others).append(relative)
         if not found:
-            raise SettingError(f"{folder}: no pictures (PNG or JPEG) in this class folder; add some or remove it")
+            raise SettingError(
+                f"{folder}: no pictures ({' '.join(EXTENSIONS)}) in this class folder; add some or remove it"
+            )
         pictures += [(path, label) for path in found]
-    return pictures
+    return pictures, others
+
+
+def warn_not_pictures(root: Path, others: list[str]) -> None:
+    """One warning naming the files of the class folders that are not pictures, which are left out."""
+    if not others:
+        return
+    named = ", ".join(others[:NAMED]) + (f" and {len(others) - NAMED} more" if len(others) > NAMED else "")
+    log.warning(
+        f"{root}: {len(others)} {'file is' if len(others) == 1 else 'files are'} not pictures "
+        f"({' '.join(EXTENSIONS)}) and left out: {named}"
+    )
 
 
 def frame_pictures(
@@ -132,8 +151,8 @@ def _frame_chunk(
     for file, label in pictures:
         try:
             data, kind = read_file(root / file)
-            if kind not in ("png", "jpeg"):
-                raise UnreadableInput("not a PNG or JPEG file")
+            if kind not in PICTURES:
+                raise UnreadableInput(f"not a picture that PIL reads ({', '.join(PICTURES)}) despite its name")
             pixels, _, _ = fit_picture(decode_picture(data, kind), frame, shape)
         except UnreadableInput as error:
             problems.append((file, str(error)))
@@ -150,14 +169,20 @@ def acquire(root: Path, out: Path, frame: Frame, skip: Callable[[str, str], None
     splits = [split for split in SPLIT_FOLDERS if (root / split).is_dir()]  # without test/, preprocess holds one out
     if "test" in splits and (test_classes := find_classes(root / "test")) != classes:
         raise SettingError(f"{root / 'test'}: classes {list(test_classes)} differ from train/'s {list(classes)}")
-    listed = {}
+    listed, found = {}, {split: list_pictures(root, split, classes) for split in splits}
+    warn_not_pictures(root, [other for split in splits for other in found[split][1]])
     for split in splits:
-        images, labels, pictures = frame_pictures(root, list_pictures(root, split, classes), frame, skip)
+        images, labels, pictures = frame_pictures(root, found[split][0], frame, skip)
         if not len(images):
             raise SettingError(f"{root / split}: none of its pictures could be read")
         write_idx(out / RAW_NAMES[f"{split}_images"], images)
         write_idx(out / RAW_NAMES[f"{split}_labels"], labels)
         listed[split] = [picture.listed(classes) for picture in pictures]
+    log.info(
+        f"{root}: "
+        + ", ".join(f"{len(listed[split])} {split} pictures" for split in splits)
+        + f" in {len(classes)} classes"
+    )
     return Manifest(
         dataset=str(root),
         classes=classes,

@@ -22,22 +22,31 @@ from PIL import Image, ImageFilter, ImageOps
 from stages.core.datasets import Frame
 from stages.core.errors import FileProblem
 from stages.core.idx import read_idx_array
+from stages.core.products import one_blas_thread
 
-# How a file announces what it is; content decides, not the extension.
+# How a file announces what it is; content decides, not the extension. The pictures are the formats of
+# torchvision's IMG_EXTENSIONS that PIL decodes (PGM is PIL's PPM format; WebP is checked apart: its
+# signature has the file's size in the middle).
 SIGNATURES = {
     b"\x89PNG\r\n\x1a\n": "png",
     b"\xff\xd8\xff": "jpeg",
+    b"BM": "bmp",
+    b"II*\x00": "tiff",
+    b"MM\x00*": "tiff",
+    **{f"P{kind}".encode(): "ppm" for kind in "123456"},  # netpbm: bitmap, grey, colour; ASCII or binary
     b"\x93NUMPY": "npy",
     b"\x00\x00\x08": "idx",  # unsigned-byte IDX, the only element type of MNIST-family files
     b"\x1f\x8b": "gzip",
 }
-READABLE = "PNG, JPEG, .npy (uint8, HxW or NxHxW) or IDX"
+PICTURES = ("png", "jpeg", "bmp", "tiff", "ppm", "webp")
+READABLE = "PNG, JPEG, BMP, TIFF, PPM/PGM, WebP, .npy (uint8, HxW or NxHxW) or IDX"
 LIGHT = 128  # a corner luma at least this is a light background: the picture is inverted
 # An enlarged image is given back by enlarging its own reduction to within this RMS (grey levels): the
 # rounding of an 8-bit enlargement is at most 0.5, and a photograph's detail and noise at the scale of
 # single pixels is far above it.
 ENLARGED_RMS = 1.5
 EXACT_RMS = 0.05  # given back exactly: no other filter can do better
+REFINEMENTS = 8  # at most, of a reduction corrected for 8-bit clipping (_refined); 3-5 suffice
 # The filters an enlargement is tried against: PIL's, which are also OpenCV's and torchvision's kernels
 # with the same pixel-centre convention (nearest, bilinear, bicubic) and the anti-aliasing ones.
 ENLARGEMENTS = {
@@ -112,6 +121,8 @@ def read_file(path: Path) -> tuple[bytes, str | None]:
         data = path.read_bytes()
     except OSError as error:
         raise UnreadableInput(f"cannot read: {error.strerror}") from None
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return data, "webp"
     return data, next((kind for magic, kind in SIGNATURES.items() if data.startswith(magic)), None)
 
 
@@ -240,32 +251,68 @@ def reduce_enlargement(image: Image.Image, image_shape: tuple[int, int]) -> tupl
     """The uint8 (H, W) image that `image` is an integer enlargement of, with the factor and the filter; None
     for anything else (a photograph, a drawing, a picture of another size).
 
-    An enlargement is linear and separable, picture = R @ image @ C.T, so per filter the least-squares
-    reduction is enlarged again: the picture is an enlargement when one filter gives it back within
-    ENLARGED_RMS; the filter that gives it back best is taken (two filters may both be close: bilinear and
-    bicubic differ by less than their 8-bit rounding on a smooth image).
+    An enlargement is linear and separable, picture = R @ image @ C.T, up to 8-bit clipping: per filter the
+    least-squares reduction is enlarged again, as PIL enlarges 8-bit pictures, and the filter that gives the
+    picture back best is refined (`_refined`) and taken when it gives it back within ENLARGED_RMS (two
+    filters may both be close: bilinear and bicubic differ by less than their 8-bit rounding on a smooth image).
     """
     height, width = image_shape
     factor = image.height // height
     if factor < 2 or image.size != (width * factor, height * factor):
         return None
+    one_blas_thread()  # products this small gain nothing from BLAS threads, which wait for busy cores 20-30x longer
     pixels = np.asarray(image.convert("L"), dtype=np.float32)  # (kH, kW)
     best = (np.inf, "", pixels)
     for name in ENLARGEMENTS:
-        (rows, rows_inverse), (columns, columns_inverse) = (
-            _enlarging(height, factor, name),
-            _enlarging(width, factor, name),
-        )
+        (_, rows_inverse), (_, columns_inverse) = _enlarging(height, factor, name), _enlarging(width, factor, name)
         reduced = rows_inverse @ (pixels @ columns_inverse.T)  # (H, W)
-        error = float(np.sqrt(np.mean(((rows @ reduced) @ columns.T - pixels) ** 2)))
+        error = _enlargement_error(reduced, pixels, name)
         if error < best[0]:
             best = (error, name, reduced)
         if error < EXACT_RMS:
             break  # the blocks of a nearest enlargement: no other filter fits better
     error, name, reduced = best
+    error, reduced = _refined(reduced, pixels, name, error)
     if error > ENLARGED_RMS:
         return None
-    return np.clip(np.rint(reduced), 0, 255).astype(np.uint8), factor, name
+    return _as_image(reduced), factor, name
+
+
+def _refined(reduced: np.ndarray, pixels: np.ndarray, name: str, error: float) -> tuple[float, np.ndarray]:
+    """The reduction of `pixels` by `name` corrected for the clipping of 8-bit enlargements, and its error.
+
+    PIL enlarges an 8-bit picture in two passes, each rounded and clipped to 0..255: where bicubic's and
+    lanczos's overshoot is clipped (at a light background, or a dark one), the plain least-squares
+    reduction is off by up to 20 grey levels. Each step enlarges the reduction as PIL does and reduces what
+    is still missing (iterative back-projection); a true enlargement is given back exactly within a few steps.
+    """
+    height, width = reduced.shape
+    factor = pixels.shape[0] // height
+    (_, rows_inverse), (_, columns_inverse) = _enlarging(height, factor, name), _enlarging(width, factor, name)
+    for _ in range(REFINEMENTS):
+        if error < EXACT_RMS:
+            break
+        residual = pixels - _enlarged(reduced, pixels.shape, name)
+        corrected = reduced + rows_inverse @ (residual @ columns_inverse.T)
+        corrected_error = _enlargement_error(corrected, pixels, name)
+        if corrected_error >= error:
+            break
+        reduced, error = corrected, corrected_error
+    return error, reduced
+
+
+def _enlargement_error(reduced: np.ndarray, pixels: np.ndarray, name: str) -> float:
+    """The RMS difference (grey levels) between `pixels` and `reduced` enlarged by `name` as PIL does."""
+    return float(np.sqrt(np.mean((_enlarged(reduced, pixels.shape, name) - pixels) ** 2)))
+
+
+def _enlarged(reduced: np.ndarray, shape: tuple[int, ...], name: str) -> np.ndarray:
+    picture = Image.fromarray(_as_image(reduced)).resize((shape[1], shape[0]), ENLARGEMENTS[name])
+    return np.asarray(picture, dtype=np.float32)
+
+
+def _as_image(reduced: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(reduced), 0, 255).astype(np.uint8)
 
 
 @functools.cache

@@ -47,6 +47,11 @@ class Checkpoint:
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
+        self.epoch = 0  # the last epoch saved here
+
+    def next_run(self) -> str:
+        """Where the next run of the same inputs starts, in words."""
+        return f"the next run continues after epoch {self.epoch}" if self.epoch else "the next run starts at epoch 1"
 
     def load(self) -> TrainState | None:
         """The state an earlier, interrupted run of the same inputs saved; None if there is none."""
@@ -54,7 +59,9 @@ class Checkpoint:
         if not path.is_file():
             return None
         # Our own file, but still loaded without executing pickled code: tensors, numbers, strings and dicts.
-        return TrainState.from_dict(torch.load(path, map_location="cpu", weights_only=True))
+        state = TrainState.from_dict(torch.load(path, map_location="cpu", weights_only=True))
+        self.epoch = state.epoch
+        return state
 
     def save(self, state: TrainState) -> None:
         """Write `state` to a temporary name and rename it, so a kill mid-write keeps the previous epoch's.
@@ -66,6 +73,7 @@ class Checkpoint:
         torch.save(state.to_dict(), buffer)
         with atomic_file(self.folder / STATE) as temp:
             temp.write_bytes(buffer.getvalue())
+        self.epoch = state.epoch
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)

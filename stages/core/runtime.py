@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -62,8 +63,40 @@ def available_cores() -> int:
 
 
 def resolve_threads(setting: int | Literal["auto"], processes: int = 1) -> int:
-    """`auto`: this process's share of the available cores among `processes` on this machine; else as given."""
-    return max(1, available_cores() // processes) if setting == "auto" else setting
+    """`auto`: this process's share of the available cores among `processes` on this machine; else as given,
+    and SettingError for more threads than the machine has CPUs to run at once (each one only waits)."""
+    if setting == "auto":
+        return max(1, available_cores() // processes)
+    cpus = os.cpu_count() or 1
+    if setting > cpus:
+        raise SettingError(
+            f"{setting} threads, more than the {cpus} CPUs of this machine run at once; set {cpus} or fewer (or auto)"
+        )
+    return setting
+
+
+def check_memory(processes: int, data_bytes: int) -> None:
+    """SettingError when `processes` copies of this process, each also holding `data_bytes`, need more memory
+    than the machine has available. Measured now, at start, from this process: its anonymous memory is each
+    process's own, its file-backed pages (the libraries' code) are shared by all of them."""
+    rollup, meminfo = Path("/proc/self/smaps_rollup"), Path("/proc/meminfo")
+    if not rollup.is_file() or not meminfo.is_file():  # not Linux: nothing to measure with
+        return
+    mine, machine = _sizes(rollup), _sizes(meminfo)
+    own, shared = mine["Anonymous"] + data_bytes, mine["Rss"] - mine["Anonymous"]
+    needed, available = shared + processes * own, machine["MemAvailable"]
+    if needed > available:
+        raise SettingError(
+            f"{processes} processes of {own / 2**20:.0f} MiB each (measured at start, with the data each loads) "
+            f"need {needed / 2**30:.1f} GiB, more than the {available / 2**30:.1f} GiB available on this machine; "
+            f"at most {max(0, (available - shared) // own)} fit"
+        )
+
+
+def _sizes(path: Path) -> dict[str, int]:
+    """The `Name: N kB` lines of a /proc file, in bytes."""
+    lines = (line.split() for line in path.read_text().splitlines())
+    return {fields[0].rstrip(":"): int(fields[1]) * 1024 for fields in lines if len(fields) == 3 and fields[2] == "kB"}
 
 
 def set_cpu_threads(count: int) -> None:

@@ -7,6 +7,7 @@ naming it, not a traceback or, worse, a silently wrong result.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -36,18 +37,27 @@ class Meta(BaseModel):
     frame: FrameRecord | None = None  # a folder of pictures: how they were framed (the download's manifest)
 
 
-def split_train_val(images: torch.Tensor, labels: torch.Tensor, val_size: int, seed: int) -> dict[str, Split]:
-    """Hold out `val_size` images, chosen by a seeded permutation; both splits keep the file's order."""
+def split_train_val(images: torch.Tensor, labels: torch.Tensor, val_size: int | float, seed: int) -> dict[str, Split]:
+    """Hold out `val_size` images (a count, or a fraction), chosen by a seeded permutation; both splits keep
+    the file's order."""
     train, val = hold_out(images, labels, val_size, seed)
     return {"train": train, "val": val}
 
 
-def hold_out(images: torch.Tensor, labels: torch.Tensor, size: int, seed: int) -> tuple[Split, Split]:
-    """(the rest, `size` images chosen by a seeded permutation), both in the file's order."""
-    if size >= len(images):
-        raise SettingError(f"{size} is not smaller than the training set ({len(images)} images); lower it")
+def share_of(size: int | float, total: int) -> int:
+    """The images that `size` holds out of `total`: a count as it is, a fraction of `total` rounded up (as
+    scikit-learn's train_test_split rounds `test_size`), so that a fraction never holds out none."""
+    return size if isinstance(size, int) else math.ceil(size * total)
+
+
+def hold_out(images: torch.Tensor, labels: torch.Tensor, size: int | float, seed: int) -> tuple[Split, Split]:
+    """(the rest, `size` images (a count, or a fraction) chosen by a seeded permutation), both in the file's order."""
+    count = share_of(size, len(images))
+    if count >= len(images):
+        given = f"{size}" if isinstance(size, int) else f"{size} ({count} images)"
+        raise SettingError(f"{given} is not smaller than the training set ({len(images)} images); lower it")
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
-    held, kept = order[:size].sort().values, order[size:].sort().values
+    held, kept = order[:count].sort().values, order[count:].sort().values
     return (images[kept], labels[kept]), (images[held], labels[held])
 
 
