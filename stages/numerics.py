@@ -12,8 +12,9 @@ is the one thing the `stages` package does on import. The choices:
   be SkylakeX's AVX-512 kernels on some, Zen on others). The thread count is products.py's business.
 - ATen: `avx2`, the widest instruction set every such CPU has (AVX-512 machines run it too).
 - oneDNN: at most `AVX2`, for the same reason as ATen.
-MKL, torch's own BLAS, is not pinned: no CPU op of the models reaches it any more (a training step under
-MKL_VERBOSE=1 makes no MKL call), and tests/test_numerics.py holds the bytes under its variables.
+- MKL: `COMPATIBLE`, its conditional numerical reproducibility on every x86-64 CPU. The products and
+  convolutions never reach it (stages/core/pinning.py), but torch computes exp, log, sqrt, tanh, erf and
+  the like with MKL's vector math, and FFTs and LAPACK with MKL, whose own choice follows the CPU.
 A variable the user set to something else is overridden (and reported), never silently obeyed.
 """
 
@@ -26,6 +27,7 @@ from pathlib import Path
 
 PINNED = {
     "ATEN_CPU_CAPABILITY": "avx2",
+    "MKL_CBWR": "COMPATIBLE",
     "ONEDNN_MAX_CPU_ISA": "AVX2",
     "OPENBLAS_CORETYPE": "Haswell",
 }

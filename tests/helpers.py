@@ -291,7 +291,6 @@ UNPINNED = ["-c", "import runpy, sys, torch; runpy.run_module(sys.argv.pop(1), r
 
 # Variables that steer the numerics' libraries without being pinned: a test's variant sets them, or none.
 UNPINNED_VARIABLES = (
-    "MKL_CBWR",
     "MKL_ENABLE_INSTRUCTIONS",
     "OPENBLAS_NUM_THREADS",
     "OMP_NUM_THREADS",

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import (
+    StageForks,
     dvc,
     experiments,
     one_line_error,
@@ -119,15 +120,17 @@ def files_in(folder: Path) -> dict[str, bytes]:
 def test_each_unusable_network_is_one_line_naming_train_model_and_nothing_is_written(project: Path) -> None:
     before = files_in(project / "models")
     committed = (project / "params.yaml").read_text()
+    forks = StageForks(project)  # eight runs of train: forks of one warm Python, not eight imports of torch
     try:
         for params, message in REFUSED:
             set_params(project, **params)
-            result = run(project, *stage_command(project, "train"), check=False)
+            result = forks.run(project, *stage_command(project, "train"), check=False)
             line = one_line_error(result, "train: error: train.model: ")
             assert line.startswith("train: error: train.model: " + message), (params, line)
             assert files_in(project / "models") == before, params
             (project / "params.yaml").write_text(committed)
     finally:
+        forks.close()
         (project / "params.yaml").write_text(committed)
 
 

@@ -57,11 +57,13 @@ class TorchClassifier:
         self.image_shape = self.model.image_shape
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
-        """uint8 (B, H, W) -> float32 logits (B, classes), as NumpyClassifier."""
+        """uint8 (B, H, W) -> float32 logits (B, classes), as NumpyClassifier; pinned as evaluate computes them."""
         import torch
 
+        from stages.core.pinning import pinned_cpu
+
         check_images(images, self.image_shape)
-        with torch.no_grad():
+        with torch.no_grad(), pinned_cpu():
             return self.model(torch.from_numpy(np.ascontiguousarray(images))).numpy()
 
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stages.core.contract import PREDICT_BATCH
+from stages.core.pinning import pinned_cpu
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,9 +21,10 @@ class Scores:
 
 
 @torch.no_grad()
+@pinned_cpu()
 def predict(model: nn.Module, images: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
     """Logits (N, classes) in float32 for all `images`, `batch_size` at a time (by default the model's
-    `predict_batch`, or PREDICT_BATCH)."""
+    `predict_batch`, or PREDICT_BATCH); on the CPU through the pinned products and convolutions."""
     batch_size = batch_size or getattr(model, "predict_batch", PREDICT_BATCH)
     model.eval()
     return torch.cat([model(batch).float() for batch in images.split(batch_size)])

@@ -91,10 +91,17 @@ def quietly(task: Callable[[], object]) -> object:
 
 def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """a (M, K) @ b (K, N), in row blocks of `rows_per_task` rows each."""
-    out = np.empty((a.shape[0], b.shape[1]), dtype=np.result_type(a, b))
-    step = rows_per_task(2 * a.shape[1] * b.shape[1], a.shape[0])
-    blocks = [slice(start, start + step) for start in range(0, a.shape[0], step)]
-    run([functools.partial(np.matmul, a[rows], b, out=out[rows]) for rows in blocks])
+    return batched_matmul(a[None], b[None])[0]
+
+
+def batched_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a (G, M, K) @ b (G, K, N): each of the G products cut as `matmul` cuts it, all their tasks in one run."""
+    out = np.empty((a.shape[0], a.shape[1], b.shape[2]), dtype=np.result_type(a, b))
+    step = rows_per_task(2 * a.shape[2] * b.shape[2], a.shape[1])
+    blocks = [
+        (index, slice(start, start + step)) for index in range(a.shape[0]) for start in range(0, a.shape[1], step)
+    ]
+    run([functools.partial(np.matmul, a[index, rows], b[index], out=out[index, rows]) for index, rows in blocks])
     return out
 
 

@@ -22,6 +22,7 @@ from stages.core.contract import Stopped
 from stages.core.distributed import SINGLE, World, all_reduce_sum, data_parallel, shard
 from stages.core.errors import SettingError
 from stages.core.metrics import Scores, predict, score
+from stages.core.pinning import pinned_cpu
 from stages.core.runtime import autocast_for
 from stages.core.splits import Split
 
@@ -270,6 +271,7 @@ class Stepper:
             self.scaler.load_state_dict(state.scaler)
 
 
+@pinned_cpu()  # on the CPU, any network's products and convolutions: the same bytes on every machine
 def fit(
     model: nn.Module,
     train_set: Split,
