@@ -15,13 +15,14 @@ from pathlib import Path
 
 import torch
 
-from stages.cli import argument_parser, explained, memory_set_by, numerics_in_effect, run, when_interrupted
+from stages.cli import argument_parser, explained, memory_set_by, numerics_in_effect, run, warn, when_interrupted
 from stages.core.artifacts import atomic_directory, copy_folder, named_as, remove_stale_temporaries_below
 from stages.core.contract import BUILT_IN, Architecture
 from stages.core.curves import write_curves
 from stages.core.distributed import SINGLE, World, from_rank_zero, joined
-from stages.core.files import TRAINING_LOG
-from stages.core.model import Card, architecture_for, init_model, save_model
+from stages.core.export import save_with_onnx
+from stages.core.files import ONNX, TRAINING_LOG
+from stages.core.model import Card, architecture_for, init_model
 from stages.core.resume import Checkpoint, input_key
 from stages.core.runtime import make_deterministic, set_cpu_threads
 from stages.core.splits import Meta, load_split, read_meta
@@ -101,9 +102,17 @@ def main() -> None:
             with epoch_log(folder / TRAINING_LOG, args.live, params.epochs, used) as report:
                 save = checkpoint.save if checkpoint else None
                 stopped = fit(model, train_set, val_set, config, world, resume=resume, report=report, save=save)
-            save_model(folder, model, card.model_copy(update={"stopped": stopped}))
+            write_model(folder, args.out, model, card.model_copy(update={"stopped": stopped}))
     if checkpoint:
         checkpoint.remove()
+
+
+def write_model(folder: Path, out: Path, model: torch.nn.Module, card: Card) -> None:
+    """The weights, the network as ONNX and the card into `folder` (`out` once switched in); a warning when ONNX
+    cannot express the network."""
+    unexported = save_with_onnx(folder, model, card)
+    if unexported:
+        warn(f"{out / ONNX} not written: {unexported}; the weights and the card are: evaluate runs them, predict not")
 
 
 def new_model(params: TrainParams, meta: Meta, device: torch.device) -> tuple[Architecture, torch.nn.Module]:
