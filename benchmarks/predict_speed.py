@@ -1,15 +1,21 @@
-"""How fast `stages.commands.predict` answers: one picture from a fresh process, and the test set after start-up.
+"""How fast `mnist-predict` answers now that it runs model.onnx with ONNX Runtime, side by side with what it ran
+before: a numpy copy of the linear models' forward, and torch for the others.
 
-Run by hand, never in CI, from the project root after `dvc repro` (it reads models/ and the test split):
+Run by hand, never in CI, from the project root after `dvc repro` (it reads the test split):
 
     python -m benchmarks.predict_speed
 
-- cold: `python -m stages.commands.predict picture.png` in a fresh process (interpreter, imports, model, one
-  112x112 RGB picture inverted on white, fitted and predicted), wall time, best and median of 5;
-- throughput: the 10,000 test images, each a 28x28 PNG in one folder, through `predict_files` in this
-  process after the imports and the model load (start-up excluded), and the same folder, and one IDX
-  file of them, through the command line ((whole run - cold run) as the cross-check);
-- predict's numpy model against the torch Classifier on the 10,000 test images;
+Each model (logreg, mlp and cnn as params.yaml and the README's recipes build them, and the user's network
+nets/wide.py:WideNet) is made here with fresh weights, which speed does not depend on, and saved as the
+train stage saves it: weights, card and model.onnx.
+- cold: `mnist-predict --model DIR picture.png` in a fresh process (interpreter, imports, the model, one
+  112x112 RGB picture inverted on white, fitted and predicted), wall and CPU time, best and median of 5;
+  beside it, in the same run, `python -c "import torch"`, which the cnn's prediction paid before;
+- throughput of the logreg: the 10,000 test images as 28x28 PNGs in one folder through `predict_files`
+  after start-up, with the ONNX model and with the numpy forward predict ran before (kept here as the
+  baseline), alternated, best of 3 each; the same folder through the command line (whole run - cold run);
+  and the 10,000 images as one array, the model's computation alone;
+- the logits of ONNX Runtime against the torch model's on the 10,000 test images, for each model;
 - the decoder choice: in fresh processes that have imported torch, what `from PIL import Image` and
   `import torchvision.io` add to start-up.
 """
@@ -23,23 +29,28 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.numpy import load_file
 
-from benchmarks.results import figure, recorded
+from benchmarks.results import figure, ratio, recorded
 
-MODELS, TEST = Path("models"), Path("data/processed/test.safetensors")
-COLD_TARGET_S, THROUGHPUT_TARGET = 2.5, 5000
+TEST = Path("data/processed/test.safetensors")
+META = Path("data/processed")
+COLD_TARGET_S = 0.5
 RUNS = 5
+MODELS = {  # name -> architecture_for's arguments
+    "logreg": {"model": "logreg", "hidden": ()},
+    "mlp": {"model": "mlp", "hidden": (256,)},
+    "cnn": {"model": "cnn", "hidden": (128,), "channels": (16, 32)},
+    "user": {"model": "nets/wide.py:WideNet", "hidden": (), "args": {}},
+}
 
 
-def wall(command: list[str]) -> float:
-    return timed(command)[0]
-
-
-def timed(command: list[str]) -> tuple[float, float]:
+def timed_command(command: list[str]) -> tuple[float, float]:
     """Wall time and CPU time (user + sys) of a command: on a busy machine the second is what an idle one
     would take, for a process that computes on one core at a time."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -50,98 +61,168 @@ def timed(command: list[str]) -> tuple[float, float]:
     return elapsed, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
+def save_models(root: Path) -> dict[str, Path]:
+    """Each of MODELS, as the train stage writes it, in a folder of its own under `root`."""
+    import torch
+
+    from stages.core.contract import Card
+    from stages.core.export import save_with_onnx
+    from stages.core.model import architecture_for, build_model
+    from stages.core.splits import read_meta
+
+    meta = read_meta(META)
+    folders = {}
+    for name, arguments in MODELS.items():
+        torch.manual_seed(0)
+        architecture = architecture_for(meta=meta, **arguments)
+        folders[name] = root / name
+        card = Card(architecture=architecture, classes=meta.classes, dataset=meta.dataset)
+        failed = save_with_onnx(folders[name], build_model(architecture).eval(), card)
+        assert failed is None, failed
+    return folders
+
+
+def numpy_logreg(folder: Path) -> Callable[[np.ndarray], np.ndarray]:
+    """The forward predict ran for a logreg before model.onnx: the normalisation folded into the product,
+    computed by the pinned products in numpy."""
+    from stages.core import products
+    from stages.core.contract import check_images, read_card
+    from stages.core.files import WEIGHTS
+
+    architecture = read_card(folder).architecture
+    arrays = load_file(str(folder / WEIGHTS)).values()  # one Linear layer: (classes, pixels) and (classes,)
+    weight = next(array for array in arrays if array.ndim == 2)
+    bias = next(array for array in arrays if array.shape == weight.shape[:1])
+    scale, shift = np.float32(1 / (255 * architecture.std)), np.float32(-architecture.mean / architecture.std)
+
+    def forward(images: np.ndarray) -> np.ndarray:
+        check_images(images, architecture.image_shape)
+        pixels = images.reshape(len(images), -1).astype(np.float32)
+        return products.matmul(pixels, weight.T) * scale + (bias + shift * weight.sum(1))
+
+    return forward
+
+
+def cold_starts(folders: dict[str, Path], picture: Path) -> dict[str, tuple[list[float], list[float]]]:
+    """Wall and CPU seconds of RUNS cold runs each, the commands alternated: each model's, `import torch`'s."""
+    predict = str(Path(sys.executable).parent / "mnist-predict")
+    commands = {name: [predict, "--model", str(folder), "--json", str(picture)] for name, folder in folders.items()}
+    commands["import torch"] = [sys.executable, "-c", "import torch"]
+    times: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in commands}
+    for _ in range(RUNS):
+        for name, command in commands.items():
+            wall, cpu = timed_command(command)
+            times[name][0].append(wall)
+            times[name][1].append(cpu)
+    return times
+
+
 def import_cost(statement: str) -> float:
     """Median wall time of `import torch; <statement>` minus `import torch`, fresh processes."""
     python = [sys.executable, "-c"]
-    base = statistics.median(wall([*python, "import torch"]) for _ in range(3))
-    return statistics.median(wall([*python, f"import torch; {statement}"]) for _ in range(3)) - base
+    base = statistics.median(timed_command([*python, "import torch"])[0] for _ in range(3))
+    return statistics.median(timed_command([*python, f"import torch; {statement}"])[0] for _ in range(3)) - base
 
 
-def main() -> None:
+def best_of(count: int, work: Callable[[], object]) -> float:
+    """The fastest of `count` runs of `work`, in seconds."""
+    spent = []
+    for _ in range(count):
+        start = time.perf_counter()
+        work()
+        spent.append(time.perf_counter() - start)
+    return min(spent)
+
+
+def throughput(folder: Path, model_folder: Path, images: np.ndarray) -> tuple[float, float]:
+    """The logreg's images per second after start-up: through predict's reading and framing, and alone."""
+    from stages.commands.predict import predict_files
+    from stages.core.inference import load_classifier
+
+    onnx_model, card = load_classifier(model_folder)
+    numpy_model = numpy_logreg(model_folder)
+    n = len(images)
+    passes: dict[str, list[float]] = {"onnx": [], "numpy": []}
+    for _ in range(3):  # alternated: a busy moment of the shared machine falls on both
+        for name, model in (("onnx", onnx_model), ("numpy", numpy_model)):
+            start = time.perf_counter()
+            rows, failures = predict_files(model, card, [folder], 3, print)  # type: ignore[arg-type]
+            passes[name].append(time.perf_counter() - start)
+            assert len(rows) == n and not failures
+    onnx_rate, numpy_rate = n / min(passes["onnx"]), n / min(passes["numpy"])
+    print(
+        f"logreg, 10,000 test PNGs through predict_files after start-up (best of 3): ONNX Runtime "
+        f"{onnx_rate:,.0f} images/s, the numpy forward {numpy_rate:,.0f} images/s: {onnx_rate / numpy_rate:.2f}x"
+    )
+    onnx_alone, numpy_alone = best_of(5, lambda: onnx_model(images)), best_of(5, lambda: numpy_model(images))
+    print(
+        f"logreg, the computation alone on 10,000 images (best of 5): ONNX Runtime {n / onnx_alone:,.0f} images/s, "
+        f"numpy {n / numpy_alone:,.0f} images/s: {numpy_alone / onnx_alone:.2f}x"
+    )
+    return onnx_rate, numpy_rate
+
+
+def agreement(folders: dict[str, Path], images: np.ndarray) -> None:
+    """ONNX Runtime's logits against the torch model's, each model, on the test images."""
     import torch
 
-    from stages.commands.predict import predict_files
-    from stages.core.files import CARD
     from stages.core.inference import load_classifier
     from stages.core.model import load_model
 
-    if not (MODELS / CARD).exists() or not TEST.exists():
-        sys.exit("benchmarks.predict_speed: run `dvc repro` first (needs models/ and data/processed/)")
+    for name, folder in folders.items():
+        model, _ = load_model(folder)
+        with torch.no_grad():
+            expected = model(torch.from_numpy(images)).numpy()
+        got = load_classifier(folder)[0](images)
+        same = (got.argmax(1) == expected.argmax(1)).mean()
+        print(f"{name}: ONNX Runtime's logits vs torch's: max |difference| {abs(got - expected).max():.1e}, "
+              f"same class for {same:.2%}")  # fmt: skip
+
+
+def main() -> None:
+    if not TEST.exists():
+        sys.exit("benchmarks.predict_speed: run `dvc repro` first (needs data/processed/)")
     images = load_file(str(TEST))["images"]  # (10000, 28, 28) uint8
-    n = len(images)
-    predict = [sys.executable, "-m", "stages.commands.predict", "--model", str(MODELS), "--json"]
     with tempfile.TemporaryDirectory() as root:
+        folders = save_models(Path(root) / "models")
         picture = Path(root) / "picture.png"
-        inverted = Image.fromarray(255 - images[0].numpy()).resize((112, 112), Image.Resampling.NEAREST)
+        inverted = Image.fromarray(255 - images[0]).resize((112, 112), Image.Resampling.NEAREST)
         inverted.convert("RGB").save(picture)
-        cold, cold_cpu = zip(*(timed([*predict, str(picture)]) for _ in range(RUNS)), strict=True)
+        cold = cold_starts(folders, picture)
 
-        folder = Path(root) / "test-set"
-        folder.mkdir()
-        for index, image in enumerate(images.numpy()):
-            Image.fromarray(image).save(folder / f"{index:05}.png")
-        model, card = load_classifier(MODELS)
-        passes = []
-        for _ in range(3):
-            start, cpu = time.perf_counter(), time.process_time()
-            rows, failures = predict_files(model, card, [folder], 3, print)
-            passes.append((time.perf_counter() - start, time.process_time() - cpu))
-            assert len(rows) == n and not failures
-        in_process, in_process_cpu = min(passes)
-        whole = wall([*predict, str(folder)])
-        idx = Path(root) / "t10k-images"
-        header = bytes([0, 0, 8, 3]) + b"".join(size.to_bytes(4, "big") for size in images.shape)  # IDX uint8 3-D
-        idx.write_bytes(header + images.numpy().tobytes())
-        idx_whole = wall([*predict, str(idx)])
-        start = time.perf_counter()
-        rows, failures = predict_files(model, card, [idx], 3, print)
-        idx_in_process = time.perf_counter() - start
-        assert len(rows) == n and not failures
-
-    # What predict computes (numpy) against the Classifier (torch), on the whole test set.
-    torch_model, _ = load_model(MODELS)
-    with torch.no_grad():
-        expected = torch_model(images).numpy()
-    got = model(images.numpy())
-    difference = abs(got - expected).max()
-    agree = (got.argmax(1) == expected.argmax(1)).mean()
-
-    best, median = min(cold), statistics.median(cold)
-    rate = n / in_process
-    print(f"load average at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())} ({os.cpu_count()} cores)")
-    print(
-        f"cold, one 112x112 picture, fresh process ({RUNS} runs): wall best {best:.2f} s, median {median:.2f} s; "
-        f"CPU median {statistics.median(cold_cpu):.2f} s"
-    )
-    print(
-        f"10,000 test PNGs after start-up (in process, best of 3): {in_process:.2f} s, {rate:,.0f} images/s "
-        f"(CPU {in_process_cpu:.2f} s: {n / in_process_cpu:,.0f} images per CPU-second)"
-    )
-    print(f"10,000 test PNGs, command line: {whole:.2f} s, {(n - 1) / (whole - median):,.0f} images/s after start-up")
-    print(
-        f"10,000 test images in one IDX file: command line {idx_whole:.2f} s (its reader, stages/core/idx.py, imports "
-        f"torch), after start-up {idx_in_process:.2f} s, {n / idx_in_process:,.0f} images/s"
-    )
-    print(
-        f"numpy logits vs the torch Classifier, 10,000 test images: max |difference| {difference:.1e}, "
-        f"same class for {agree:.2%}"
-    )
+        pngs = Path(root) / "test-set"
+        pngs.mkdir()
+        for index, image in enumerate(images):
+            Image.fromarray(image).save(pngs / f"{index:05}.png")
+        onnx_rate, numpy_rate = throughput(pngs, folders["logreg"], images)
+        predict = [str(Path(sys.executable).parent / "mnist-predict"), "--model", str(folders["logreg"]), "--json"]
+        whole, _ = timed_command([*predict, str(pngs)])
+        cold_logreg = statistics.median(cold["logreg"][0])
+        print(f"logreg, 10,000 test PNGs, command line: {whole:.2f} s, "
+              f"{(len(images) - 1) / (whole - cold_logreg):,.0f} images/s after start-up")  # fmt: skip
+        agreement(folders, images)
     pil, torchvision = import_cost("from PIL import Image, ImageFilter, ImageOps"), import_cost("import torchvision.io")
     print(f"start-up added to `import torch` by the decoder: PIL {pil:.2f} s, torchvision.io {torchvision:.2f} s")
+
+    print(f"load average at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())} ({os.cpu_count()} cores)")
+    torch_median = statistics.median(cold["import torch"][0])
     with recorded("predict_speed") as figures:
-        figures["cold"] = figure(
-            "one picture from a fresh process, median seconds",
-            round(median, 2),
-            f"{median:.2f} s",
-            f"<= {COLD_TARGET_S} s",
-            f"best {best:.2f} s of {RUNS}",
-        )
-        figures["throughput"] = figure(
-            "the 10,000 test PNGs after start-up, images/s",
-            round(rate),
-            f"{rate:,.0f}",
-            f">= {THROUGHPUT_TARGET:,} images/s",
-            f"{in_process:.2f} s",
+        for name, (walls, cpus) in cold.items():
+            median = statistics.median(walls)
+            figures[f"cold {name}"] = figure(
+                f"cold `mnist-predict picture.png`, {name} model, median seconds" if name in folders else name,
+                round(median, 2),
+                f"{median:.2f} s",
+                f"<= {COLD_TARGET_S} s" if name in folders else None,
+                f"best {min(walls):.2f} s of {RUNS}, CPU median {statistics.median(cpus):.2f} s, "
+                f"{median / torch_median:.2f}x `import torch`",
+            )
+        figures["throughput"] = ratio(
+            "logreg, the 10,000 test PNGs through predict after start-up: ONNX Runtime / the numpy forward",
+            onnx_rate / numpy_rate,
+            2,
+            ">= 1x",
+            f"{onnx_rate:,.0f} / {numpy_rate:,.0f} images/s",
         )
 
 

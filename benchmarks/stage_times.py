@@ -29,7 +29,7 @@ READING = {
 WRITING = {
     "download": ("prepare_folder", "write_manifest"),
     "preprocess": ("save_split", "write_meta"),
-    "train": ("save_model", "write_curves"),
+    "train": ("save_with_onnx", "write_curves"),  # the weights, model.onnx (exported then) and the card
     "evaluate": ("write_json", "write_csv", "write_text", "write_png", "copy_folder"),
 }
 RESULT = "STAGE_TIMES_RESULT"  # the file the child writes its times to

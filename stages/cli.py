@@ -43,6 +43,8 @@ FIXES = {
     ("card", "outdated"): "rerun the train stage: dvc repro train",
     ("weights", "missing"): "rerun the train stage: dvc repro --force train",
     ("weights", "damaged"): "rerun the train stage: dvc repro --force train",
+    ("onnx", "missing"): "rerun the train stage: dvc repro --force train",
+    ("onnx", "damaged"): "rerun the train stage: dvc repro --force train",
     ("output", "unwritable"): "choose a writable --out",
 }
 
@@ -215,8 +217,8 @@ def interrupted() -> NoReturn:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not stop the restoring
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         restored = restore_outputs()
-        kept = f"the previous {', '.join(restored)} restored from DVC's cache" if restored else "no output written"
-        print("; ".join([f"{prog()}: interrupted", kept, *(note() for note in _interrupted_notes)]), file=sys.stderr)
+        kept = [f"the previous {', '.join(restored)} restored from DVC's cache"] if restored else []
+        print("; ".join([f"{prog()}: interrupted", *kept, *(note() for note in _interrupted_notes)]), file=sys.stderr)
     sys.exit(130)
 
 

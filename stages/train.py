@@ -15,13 +15,14 @@ from pathlib import Path
 
 import torch
 
-from stages.cli import argument_parser, explained, memory_set_by, numerics_in_effect, run, when_interrupted
+from stages.cli import argument_parser, explained, memory_set_by, numerics_in_effect, run, warn, when_interrupted
 from stages.core.artifacts import atomic_directory, copy_folder, named_as, remove_stale_temporaries_below
 from stages.core.contract import BUILT_IN, Architecture
 from stages.core.curves import write_curves
 from stages.core.distributed import SINGLE, World, from_rank_zero, joined
-from stages.core.files import TRAINING_LOG
-from stages.core.model import Card, architecture_for, init_model, save_model
+from stages.core.export import save_with_onnx
+from stages.core.files import ONNX, TRAINING_LOG
+from stages.core.model import Card, architecture_for, init_model
 from stages.core.resume import Checkpoint, input_key
 from stages.core.runtime import make_deterministic, set_cpu_threads
 from stages.core.splits import Meta, load_split, read_meta
@@ -54,6 +55,8 @@ class TrainParams(Params, TrainConfig):
         require(self.batch_size >= 1, "train.batch_size", "must be >= 1")
         require(self.epochs >= 1, "train.epochs", "must be >= 1")
         require(self.early_stopping >= 0, "train.early_stopping", "must be >= 0 (0 = off)")
+        epochs = f"must be 0 (all epochs) to {self.epochs} (train.epochs)"
+        require(0 <= self.stop_after <= self.epochs, "train.stop_after", epochs)
         require(all(width >= 1 for width in self.channels), "train.channels", "widths must be >= 1")
         require(self.model != "cnn" or len(self.channels) >= 1, "train.channels", "the cnn needs at least one width")
         require(self.threads == "auto" or self.threads >= 1, "train.threads", "must be auto or >= 1")
@@ -99,9 +102,17 @@ def main() -> None:
             with epoch_log(folder / TRAINING_LOG, args.live, params.epochs, used) as report:
                 save = checkpoint.save if checkpoint else None
                 stopped = fit(model, train_set, val_set, config, world, resume=resume, report=report, save=save)
-            save_model(folder, model, card.model_copy(update={"stopped": stopped}))
+            write_model(folder, args.out, model, card.model_copy(update={"stopped": stopped}))
     if checkpoint:
         checkpoint.remove()
+
+
+def write_model(folder: Path, out: Path, model: torch.nn.Module, card: Card) -> None:
+    """The weights, the network as ONNX and the card into `folder` (`out` once switched in); a warning when ONNX
+    cannot express the network."""
+    unexported = save_with_onnx(folder, model, card)
+    if unexported:
+        warn(f"{out / ONNX} not written: {unexported}; the weights and the card are: evaluate runs them, predict not")
 
 
 def new_model(params: TrainParams, meta: Meta, device: torch.device) -> tuple[Architecture, torch.nn.Module]:
@@ -172,10 +183,15 @@ def open_checkpoint(
     state, and sends it to the other processes, which may run on machines that have no such folder."""
     if folder is None or world.rank > 0:
         return None, None
-    inputs = params.model_dump(mode="json") | {"architecture": architecture.model_dump(mode="json")}
+    # Where to stop does not change the epochs before it: a run cut short continues the whole run's state.
+    inputs = params.model_dump(mode="json", exclude={"stop_after"}) | {
+        "architecture": architecture.model_dump(mode="json")
+    }
     checkpoint = Checkpoint(folder / input_key(inputs, data))
     when_interrupted(checkpoint.next_run)
     resume = checkpoint.load()
+    if resume and resume.epoch > (params.stop_after or params.epochs):
+        resume = None  # saved past where this run stops: start over
     if resume:
         print(
             f"train: resuming after epoch {resume.epoch} of {params.epochs} (state in {checkpoint.folder})", flush=True

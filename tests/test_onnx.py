@@ -21,7 +21,8 @@ from helpers import PROJECT, synthetic_split
 from safetensors.torch import save_file
 from torch import nn
 
-from stages.core.export import OPSET, ExportError, export_onnx
+from stages.core.contract import Architecture, Card, OnnxRecord, read_card
+from stages.core.export import OPSET, ExportError, export_onnx, save_with_onnx
 
 IMAGE_SHAPE = (28, 28)
 
@@ -186,4 +187,16 @@ def test_a_network_onnx_cannot_express_is_one_line_and_nothing_is_written(
     assert str(raised.value).startswith(message) and "\n" not in str(raised.value)
     assert list(tmp_path.iterdir()) == []
     printed = capfd.readouterr()
-    assert printed.out == "", printed.out  # the exporter's graph dump, from C++, is not the stage's output
+    assert (printed.out, printed.err) == ("", "")  # the exporter's C++ graph dump and warnings: not the stage's output
+
+
+def test_a_model_folder_without_onnx_still_gets_its_weights_and_card(tmp_path: Path) -> None:
+    """What train writes for a network ONNX cannot express: the weights and a card without `onnx`, and why."""
+    architecture = Architecture(model="logreg", hidden=(), image_shape=IMAGE_SHAPE, num_classes=10, mean=0.3, std=0.3)
+    card = Card(architecture=architecture, classes=tuple("abcdefghij"), dataset="x")
+    failed = save_with_onnx(tmp_path, Cumulative(), card)
+    assert str(failed) == f"ONNX opset {OPSET} cannot express the operator aten::cummax"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["model.json", "model.safetensors"]
+    assert read_card(tmp_path) == card and read_card(tmp_path).onnx is None
+    assert save_with_onnx(tmp_path, trained_like(), card) is None
+    assert read_card(tmp_path).onnx == OnnxRecord(file="model.onnx", opset=OPSET, input="images", output="logits")

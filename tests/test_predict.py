@@ -1,13 +1,14 @@
 """Predicting from files: the model's refusals, the dataset's framing, and the command line's one-line errors.
 
 No DVC here (the command-line tests start `python -m stages.commands.predict`, so they are marked e2e): the model
-is a freshly initialised logreg saved the way the train stage saves one, and the oracle for every
-prediction is that model's own forward pass on the same pixels.
+is a freshly initialised logreg saved the way the train stage saves one, weights, card and model.onnx, and
+the oracle for every prediction is that model's own forward pass in torch on the same pixels.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,9 +22,10 @@ from test_own_images import fashion_mnist
 
 from stages.core.contract import Card, ImageInputError
 from stages.core.datasets import load_registry
+from stages.core.export import save_with_onnx
 from stages.core.images import fit_picture
 from stages.core.inference import load_classifier
-from stages.core.model import Classifier, architecture_for, build_model, load_model, save_model
+from stages.core.model import architecture_for, build_model, load_model
 from stages.core.splits import Meta
 
 CLASSES = tuple(f"class {k}" for k in range(10))
@@ -37,9 +39,8 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("model")
     torch.manual_seed(0)
     architecture = architecture_for("logreg", (), META)
-    save_model(
-        folder, Classifier(architecture), Card(architecture=architecture, classes=CLASSES, dataset="fashion-mnist")
-    )
+    card = Card(architecture=architecture, classes=CLASSES, dataset="fashion-mnist")
+    assert save_with_onnx(folder, build_model(architecture), card) is None
     return folder
 
 
@@ -68,23 +69,25 @@ def test_model_refuses_what_it_cannot_score(model_dir: Path, images: torch.Tenso
     model, _ = load_model(model_dir)
     with pytest.raises(ImageInputError, match=message):
         model(images)
-    numpy_model, _ = load_classifier(model_dir)  # what the command line runs: the same refusal
+    onnx_model, _ = load_classifier(model_dir)  # what the command line runs: the same refusal
     with pytest.raises(ImageInputError, match=message.replace("torch.float32", "float32")):
-        numpy_model(images.numpy())
+        onnx_model(images.numpy())
 
 
 @pytest.mark.parametrize(("kind", "hidden"), [("logreg", ()), ("mlp", (32, 16)), ("cnn", (16,))])
-def test_numpy_model_computes_the_classifiers_logits(kind: str, hidden: tuple[int, ...], tmp_path: Path) -> None:
-    """What predict runs gives the trained model's logits; a cnn goes through torch (stages/core/inference.py)."""
+def test_onnx_runtime_computes_the_models_logits(kind: str, hidden: tuple[int, ...], tmp_path: Path) -> None:
+    """What predict runs, model.onnx in ONNX Runtime, gives the torch model's logits and classes."""
     torch.manual_seed(1)
     architecture = architecture_for(kind, hidden, META, channels=(4, 8))
     model = build_model(architecture).eval()
-    save_model(tmp_path, model, Card(architecture=architecture, classes=CLASSES, dataset="x"))
-    images, _ = synthetic_split(500, seed=2)
+    assert save_with_onnx(tmp_path, model, Card(architecture=architecture, classes=CLASSES, dataset="x")) is None
+    images, _ = synthetic_split(2500, seed=2)  # more than one of ONNX Runtime's batches
     with torch.no_grad():
         expected = model(images).numpy()
-    numpy_model, _ = load_classifier(tmp_path)
-    np.testing.assert_allclose(numpy_model(images.numpy()), expected, rtol=0, atol=1e-5)
+    onnx_model, _ = load_classifier(tmp_path)
+    got = onnx_model(images.numpy())
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
+    assert (got.argmax(1) == expected.argmax(1)).mean() >= 0.999
 
 
 def test_fashion_frame_trims_fits_centres_and_inverts() -> None:
@@ -219,6 +222,77 @@ def test_cli_without_a_model_says_where_to_get_one(tmp_path: Path) -> None:
     )
 
 
+INPUT, CARD_INPUT = "uint8 ['batch', 28, 28]", "the card's pixels: uint8 (batch, 28, 28); rerun the train stage"
+OUTPUT, CARD_OUTPUT = "float ['batch', 10]", "the card's logits: float (batch, 9)"
+
+
+def damage(folder: Path, case: str) -> None:
+    """Make the model in `folder` bad in one way."""
+    card_file, onnx_file = folder / "model.json", folder / "model.onnx"
+    card = json.loads(card_file.read_text())
+    if case == "missing":
+        onnx_file.unlink()
+    elif case == "damaged":
+        onnx_file.write_bytes(onnx_file.read_bytes()[:300])
+    elif case == "no record":
+        del card["onnx"]
+    elif case == "other input":
+        card["onnx"]["input"] = "pixels"
+    elif case == "other classes":
+        card["architecture"]["num_classes"], card["classes"] = 9, card["classes"][:9]
+    elif case == "newer opset":
+        card["onnx"]["opset"] = 99
+    card_file.write_text(json.dumps(card))
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(
+    ("case", "line"),
+    [
+        ("missing", "model.onnx: missing; rerun the train stage: dvc repro --force train"),
+        ("damaged", "model.onnx: not an ONNX model this onnxruntime can load (Failed to load model because protobuf"),
+        ("no record", "model.json: names no ONNX file: the model was trained before the train stage wrote model.onnx"),
+        ("other input", f"model.onnx: does not match model/model.json: its input is images: {INPUT}, {CARD_INPUT}"),
+        (
+            "other classes",
+            f"model.onnx: does not match model/model.json: its output is logits: {OUTPUT}, {CARD_OUTPUT}",
+        ),
+        ("newer opset", "model.onnx: needs ONNX opset 99 (the card's), which onnxruntime "),
+    ],
+)
+def test_cli_a_bad_onnx_file_is_one_line(model_dir: Path, tmp_path: Path, case: str, line: str) -> None:
+    shutil.copytree(model_dir, tmp_path / "model")
+    damage(tmp_path / "model", case)
+    Image.new("L", (28, 28)).save(tmp_path / "a.png")
+    result = predict_cli(tmp_path, "--model", "model", "a.png")
+    assert result.returncode == 1 and result.stdout == ""
+    (error,) = result.stderr.splitlines()
+    assert error.startswith("predict: error: model/" + line), error
+
+
+@pytest.mark.e2e
+def test_cli_imports_neither_torch_nor_the_model_code(model_dir: Path, tmp_path: Path) -> None:
+    """A picture, an array and an IDX file predicted: ONNX Runtime alone computes, no Python of the model's."""
+    images, _ = synthetic_split(3, seed=4)
+    Image.fromarray(images[0].numpy()).save(tmp_path / "a.png")
+    np.save(tmp_path / "b.npy", images[1:2].numpy())
+    (tmp_path / "c-images").write_bytes(idx_bytes(images[2:]))
+    script = (
+        "import runpy, sys\n"
+        "try:\n    runpy.run_module('stages.commands.predict', run_name='__main__', alter_sys=True)\n"
+        "finally:\n    print(' '.join(sorted(sys.modules)), file=sys.stderr)\n"
+    )
+    command = [sys.executable, "-c", script, "--model", str(model_dir), "--json", "."]
+    env = project_env() | {"PYTHONPATH": str(PROJECT)}
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.splitlines()) == 3
+    modules = result.stderr.split()
+    assert "onnxruntime" in modules
+    assert [name for name in modules if name.partition(".")[0] in ("torch", "torchvision", "safetensors")] == []
+    assert not {"stages.core.model", "stages.core.export", "stages.core.user_networks"} & set(modules)
+
+
 @pytest.fixture(scope="module")
 def fashion_logreg(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A logreg trained for a few seconds on 5,000 Fashion-MNIST training images."""
@@ -227,7 +301,7 @@ def fashion_logreg(tmp_path_factory: pytest.TempPathFactory) -> Path:
     meta = Meta(dataset="fashion-mnist", classes=CLASSES, image_shape=(28, 28), sizes={"train": 1}, mean=mean, std=std)
     architecture = architecture_for("logreg", (), meta)
     torch.manual_seed(0)
-    model = Classifier(architecture)
+    model = build_model(architecture)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
     for _ in range(3):
         for batch in torch.randperm(len(images), generator=torch.Generator().manual_seed(0)).split(500):
@@ -235,7 +309,9 @@ def fashion_logreg(tmp_path_factory: pytest.TempPathFactory) -> Path:
             torch.nn.functional.cross_entropy(model(images[batch]), labels[batch].long()).backward()
             optimizer.step()
     folder = tmp_path_factory.mktemp("fashion-logreg")
-    save_model(folder, model, Card(architecture=architecture, classes=CLASSES, dataset="fashion-mnist"))
+    assert (
+        save_with_onnx(folder, model, Card(architecture=architecture, classes=CLASSES, dataset="fashion-mnist")) is None
+    )
     return folder
 
 

@@ -9,6 +9,7 @@ the checkout as `dvc repro` left it, the later ones add experiments to it.
 
 from __future__ import annotations
 
+import csv
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -63,6 +64,30 @@ def test_the_logreg_reaches_the_papers_baseline(checkout: Path) -> None:
     assert report["accuracy"] >= ACCURACY_FLOOR, report
     meta = json.loads((checkout / "data" / "processed" / "meta.json").read_text())
     assert meta["sizes"] == {"train": 55000, "val": 5000, "test": 10000}
+    onnx_agrees_with_evaluate(checkout)
+
+
+def onnx_agrees_with_evaluate(checkout: Path) -> None:
+    """What predict runs, models/model.onnx in ONNX Runtime, against the evaluate stage on the test split: the
+    same class for at least 99.9 % of the images, logits within 1e-4 of the torch model's."""
+    import torch
+    from safetensors.numpy import load_file
+
+    from stages.core.model import load_model
+
+    images = load_file(str(checkout / "data" / "processed" / "test.safetensors"))["images"]
+    onnx_model, card = load_classifier(checkout / "models")
+    logits = onnx_model(images)
+    with open(checkout / "metrics" / "confusion.csv", newline="") as stream:
+        evaluated = [row["predicted"] for row in csv.DictReader(stream)]  # one row per test image, in order
+    same = np.mean([card.classes[index] == name for index, name in zip(logits.argmax(1), evaluated, strict=True)])
+    torch_model, _ = load_model(checkout / "models")
+    with torch.no_grad():
+        expected = torch_model(torch.from_numpy(images)).numpy()
+    print(f"{card.architecture.model}: the same class as evaluate for {same:.4%}, max |logit difference| "
+          f"{np.abs(logits - expected).max():.1e}")  # fmt: skip
+    assert same >= 0.999
+    np.testing.assert_allclose(logits, expected, rtol=0, atol=1e-4)
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +160,7 @@ def test_each_recipe_reaches_its_floor(model: str, checkout: Path) -> None:
     card = json.loads((checkout / "models" / "model.json").read_text())
     assert card["architecture"]["model"] == model
     assert report["accuracy"] >= floor, report
+    onnx_agrees_with_evaluate(checkout)
 
 
 def test_readme_gives_the_recipes_tested_here() -> None:

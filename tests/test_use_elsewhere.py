@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import csv
 import json
+import re
+import shutil
 import subprocess
 import sys
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
-from helpers import TINY, dvc, project_env, run, set_params
+from helpers import PROJECT, TINY, dvc, project_env, run, set_params
 from PIL import Image
 from safetensors.numpy import load_file
 from team import clone, commit_and_push, fingerprint, make_origin
@@ -134,3 +137,45 @@ def test_a_version_stays_what_it_was_after_the_next_run(alice: Path, tmp_path: P
     assert not np.array_equal(
         load_file(str(old / weights))["layers.0.weight"], load_file(str(new / weights))["layers.0.weight"]
     )
+
+
+def readme_onnx_lines() -> str:
+    """The README's lines that classify a picture with ONNX Runtime alone (its one ```python block)."""
+    readme = (PROJECT / "README.md").read_text()
+    (block,) = re.findall(r"```python\n(.*?)```", readme, flags=re.DOTALL)
+    return block
+
+
+def onnx_only_venv(folder: Path) -> Path:
+    """A venv without pip whose site-packages hold onnxruntime, numpy and Pillow alone (linked from this
+    venv's, so the test needs no network): no torch, none of this project. Its python."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(folder)], check=True, timeout=120)
+    (site,) = folder.glob("lib/python*/site-packages")
+    for name in ("onnxruntime", "numpy", "pillow"):
+        distribution = metadata.distribution(name)
+        tops = {Path(str(file)).parts[0] for file in distribution.files or ()} - {".."}  # .. : its scripts in bin/
+        for top in tops:
+            (site / top).symlink_to(distribution.locate_file(top))
+    return folder / "bin" / "python"
+
+
+def test_the_model_folder_runs_with_onnx_runtime_alone(alice: Path, tmp_path: Path) -> None:
+    """models/ as `dvc repro` wrote it, copied where there is no project, classified by the README's lines in a
+    venv of onnxruntime, numpy and Pillow: the class evaluate gave each test image, on dark and on light."""
+    shutil.copytree(alice / "models", tmp_path / "model")
+    python = onnx_only_venv(tmp_path / "venv")
+    env = {key: value for key, value in project_env().items() if key != "PYTHONPATH"}
+    for module in ("torch", "stages"):
+        found = subprocess.run([python, "-c", f"import {module}"], cwd=tmp_path, env=env, capture_output=True)
+        assert found.returncode != 0, f"{module} imports in the venv"
+    images = load_file(str(alice / "data" / "processed" / "test.safetensors"))["images"]
+    expected = evaluated_classes(alice)
+    (tmp_path / "classify.py").write_text(readme_onnx_lines())
+    for index in range(4):
+        light = index % 2 == 1  # a dark object on a light background: inverted by the README's lines too
+        Image.fromarray(255 - images[index] if light else images[index]).save(tmp_path / "picture.png")
+        result = subprocess.run(
+            [python, "classify.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == expected[index], (index, light)

@@ -22,11 +22,11 @@ import numpy as np
 
 from stages import cli
 from stages.cli import StageError, run
-from stages.core.contract import PREDICT_BATCH, Card, ImageInputError, check_images
+from stages.core.contract import Card, ImageInputError, check_images
 from stages.core.datasets import Frame, load_registry
 from stages.core.files import CARD
 from stages.core.images import UnreadableInput, list_inputs, read_input
-from stages.core.inference import NumpyClassifier, TorchClassifier, load_classifier, softmax
+from stages.core.inference import OnnxClassifier, load_classifier, softmax
 
 DEFAULT_MODEL = Path("models")  # dvc.yaml's `models` var, where the train stage writes (a test keeps them equal)
 
@@ -51,7 +51,7 @@ def main() -> None:
             f"{args.model}: no model here ({CARD} missing); in the project run `dvc repro` or `dvc pull`, "
             "elsewhere fetch one: dvc artifacts get <repo> classifier --rev <version>"
         )
-    model, card = load_classifier(args.model)  # numpy, not torch: start-up (stages/core/inference.py)
+    model, card = load_classifier(args.model)  # ONNX Runtime, not torch: start-up (stages/core/inference.py)
     classes = card.classes
     if not 1 <= args.top_k <= len(classes):
         parser.error(f"--top-k: must be between 1 and {len(classes)} (the model's classes)")
@@ -67,7 +67,7 @@ def main() -> None:
 
 
 def predict_files(
-    model: NumpyClassifier | TorchClassifier, card: Card, paths: list[Path], top_k: int, report: Callable[[str], None]
+    model: OnnxClassifier, card: Card, paths: list[Path], top_k: int, report: Callable[[str], None]
 ) -> tuple[list[Row], int]:
     """Rows for every image the paths give; `report(line)` for each that gives none. Returns the failures too."""
     image_shape = card.architecture.image_shape
@@ -91,9 +91,7 @@ def predict_files(
     if not batches:
         return [], failures
     images = np.concatenate(batches)  # (N, H, W) uint8
-    probabilities = softmax(
-        np.concatenate([model(images[i : i + PREDICT_BATCH]) for i in range(0, len(images), PREDICT_BATCH)])
-    )
+    probabilities = softmax(model(images))
     top = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]  # (N, k), most likely first
     top_probabilities = np.take_along_axis(probabilities, top, axis=1)
     classes = card.classes

@@ -12,11 +12,12 @@ from typing import Literal
 from pydantic import ValidationError
 
 # The files a FileProblem can be about, by what they hold; stages.cli knows which stage makes each.
-Artifact = Literal["raw", "manifest", "processed", "card", "weights", "output"]
+Artifact = Literal["raw", "manifest", "processed", "card", "weights", "onnx", "output"]
 # missing: not there; damaged: not what its writer writes; outdated: made from other inputs than these;
 # inconsistent: at odds with another file of the same input (the message says which, and is complete);
-# unwritable: an output folder that cannot be created.
-Kind = Literal["missing", "damaged", "outdated", "inconsistent", "unwritable"]
+# unwritable: an output folder that cannot be created; unsupported: sound, but newer than what reads it here
+# (the message says what to upgrade).
+Kind = Literal["missing", "damaged", "outdated", "inconsistent", "unwritable", "unsupported"]
 
 
 class CoreError(Exception):

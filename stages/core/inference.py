@@ -1,9 +1,9 @@
-"""The saved model run with numpy: what `stages.commands.predict` computes with, so that it starts without torch.
+"""The saved model run by ONNX Runtime: what `stages.commands.predict` computes with, for every model.
 
-`import torch` is most of a fresh process's start-up here (about 3 s of CPU on the 2-core machine these
-numbers come from, against 0.2 s for numpy, PIL and safetensors), and a model of linear layers needs none
-of it to predict. The arithmetic is `Classifier.forward`'s, from the same two files; a test holds the
-logits equal to the Classifier's.
+The train stage writes the network with its normalisation as model.onnx (stages/core/export.py), so
+predicting needs neither torch (`import torch` alone is about 3 s of a cold start on 2 cores) nor this
+project's model code, nor any Python from the model's folder: a network of the user's runs as the built-in
+ones do. The file is checked against the card before it runs: its opset, its input and its output.
 """
 
 from __future__ import annotations
@@ -13,80 +13,95 @@ from pathlib import Path
 import numpy as np
 import onnxruntime
 
-from stages.core import products
-from stages.core.artifacts import read_tensors
-from stages.core.contract import Card, check_images, check_weights, expected_weights, read_card
-from stages.core.files import WEIGHTS
+from stages.core.contract import Card, OnnxRecord, check_images, read_card
+from stages.core.errors import FileProblem, damaged
+from stages.core.files import CARD
 
+# Images per run of the file: the logreg's runs take 470,000 images/s at 1,024 against 180,000/s at 10,000
+# (2 shared cores: a batch in the caches), and a cnn's maps for 1,024 28x28 images take tens of MB, not GB.
+BATCH = 1024
+RUNS_EVERYWHERE = 21  # the newest opset of onnxruntime 1.18, the oldest pyproject.toml admits
 QUIET = 4  # ONNX Runtime logs only what is fatal: its errors come back as exceptions, which name the file
 
 
-class NumpyClassifier:
-    """`Classifier` for inference: the same checks, the same logits (float32), numpy arrays in and out."""
+class OnnxClassifier:
+    """The model for inference: the same refusals as the torch model, float32 logits, numpy arrays in and out."""
 
-    def __init__(self, card: Card, weights: dict[str, np.ndarray]) -> None:
-        architecture = card.architecture
-        self.image_shape = architecture.image_shape
-        # nn.Sequential's names: layers.0 (Linear), layers.1 (ReLU), layers.2 (Linear), ...
-        count = len(expected_weights(architecture)) // 2
-        self.layers = [(weights[f"layers.{2 * i}.weight"], weights[f"layers.{2 * i}.bias"]) for i in range(count)]
-        self.scale = np.float32(1 / (255 * architecture.std))
-        self.shift = np.float32(-architecture.mean / architecture.std)
+    def __init__(self, session: onnxruntime.InferenceSession, image_shape: tuple[int, int], names: OnnxRecord) -> None:
+        self.session, self.image_shape = session, image_shape
+        self.input, self.output = names.input, names.output
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
-        """uint8 (B, H, W) -> float32 logits (B, classes)."""
+        """uint8 (B, H, W) -> float32 logits (B, classes), BATCH images per run."""
         check_images(images, self.image_shape)
-        pixels = images.reshape(len(images), -1).astype(np.float32)  # (B, H*W) in 0..255
-        # Normalisation folded into the first layer, exactly as Classifier.forward does it.
-        (weight, bias), *rest = self.layers
-        hidden = products.matmul(pixels, weight.T) * self.scale + (bias + self.shift * weight.sum(1))
-        for weight, bias in rest:
-            hidden = products.matmul(np.maximum(hidden, 0), weight.T) + bias
-        return hidden
+        images = np.ascontiguousarray(images)
+        starts = range(0, max(len(images), 1), BATCH)  # an empty batch runs once, for its (0, classes) logits
+        return np.concatenate([self.session.run([self.output], {self.input: images[i : i + BATCH]})[0] for i in starts])
 
 
-class TorchClassifier:
-    """A cnn or a network of the user's, run by torch behind NumpyClassifier's interface: convolutions are
-    not worth a numpy copy here, so only their predictions pay `import torch` (about 3 s of a cold start on
-    the 2-core machine)."""
-
-    def __init__(self, folder: Path) -> None:
-        from stages.core.model import load_model
-
-        self.model, _ = load_model(folder)
-        self.image_shape = self.model.image_shape
-
-    def __call__(self, images: np.ndarray) -> np.ndarray:
-        """uint8 (B, H, W) -> float32 logits (B, classes), as NumpyClassifier; pinned as evaluate computes them."""
-        import torch
-
-        from stages.core.pinning import pinned_cpu
-
-        check_images(images, self.image_shape)
-        with torch.no_grad(), pinned_cpu():
-            return self.model(torch.from_numpy(np.ascontiguousarray(images))).numpy()
-
-
-def load_classifier(folder: Path) -> tuple[NumpyClassifier | TorchClassifier, Card]:
-    """The model in `folder`, its card and weights checked as `stages.core.model.load_model` checks them."""
+def load_classifier(folder: Path) -> tuple[OnnxClassifier, Card]:
+    """The model in `folder`: its card, and its ONNX file checked against it; a FileProblem naming the file
+    otherwise."""
     card = read_card(folder)
-    if card.architecture.model not in ("logreg", "mlp"):
-        return TorchClassifier(folder), card
-    path = folder / WEIGHTS
-    weights = read_tensors(path, "weights", numpy=True)
-    check_weights(
-        path,
-        folder,
-        expected={name: ("float32", shape) for name, shape in expected_weights(card.architecture).items()},
-        found={name: (str(array.dtype), array.shape) for name, array in weights.items()},
+    if card.onnx is None:
+        raise FileProblem(
+            folder / CARD,
+            "names no ONNX file: the model was trained before the train stage wrote model.onnx, or its network "
+            "has an operation ONNX cannot express (the train stage named it)",
+            artifact="card",
+            kind="outdated",
+        )
+    path = folder / card.onnx.file
+    check_opset(card.onnx.opset, path)
+    session = open_session(path)
+    check_signature(session, card, card.onnx, path)
+    return OnnxClassifier(session, card.architecture.image_shape, card.onnx), card
+
+
+def runtime_opset() -> int:
+    """The newest ONNX opset the installed ONNX Runtime has operators for."""
+    from onnxruntime.capi import _pybind_state
+
+    return max(schema.since_version for schema in _pybind_state.get_all_operator_schema() if schema.domain == "")
+
+
+def check_opset(opset: int, path: Path) -> None:
+    if opset <= RUNS_EVERYWHERE:
+        return  # without reading the runtime's 900 operator schemas: a tenth of a cold start's imports
+    newest = runtime_opset()
+    if opset > newest:
+        raise FileProblem(path, unsupported(newest, opset), artifact="onnx", kind="unsupported")
+
+
+def unsupported(newest: int, opset: int | None = None) -> str:
+    needs = f"ONNX opset {opset} (the card's)" if opset else "a newer ONNX opset"
+    return (
+        f"needs {needs}, which onnxruntime {onnxruntime.__version__} here does not have (it has up to {newest}); "
+        "upgrade it: pip install --upgrade onnxruntime"
     )
-    return NumpyClassifier(card, weights), card
+
+
+def open_session(path: Path) -> onnxruntime.InferenceSession:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise FileProblem(path, "missing", artifact="onnx", kind="missing") from None
+    try:
+        return session_for(data)
+    except Exception as error:  # onnxruntime's exception types are not importable by name
+        detail = runtime_error(error)
+        if "opset" in detail.lower():  # the file's own opset, newer than the card says
+            raise FileProblem(path, unsupported(runtime_opset()), artifact="onnx", kind="unsupported") from None
+        raise damaged(path, f"not an ONNX model this onnxruntime can load ({detail})", "onnx") from None
 
 
 def session_for(data: bytes) -> onnxruntime.InferenceSession:
     """An ONNX Runtime session of the file's bytes, on the CPU, that logs nothing: its errors are exceptions."""
     options = onnxruntime.SessionOptions()
     options.log_severity_level = QUIET
+    # Its threads wait for the next run without spinning: spinning, they took the cores from reading and
+    # framing the next pictures, and halved the logreg's throughput on 2 cores (benchmarks/predict_speed.py).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return onnxruntime.InferenceSession(data, options, providers=["CPUExecutionProvider"])
 
 
@@ -94,6 +109,24 @@ def runtime_error(error: Exception) -> str:
     """ONNX Runtime's message in one line, without its codes: `[ONNXRuntimeError] : 7 : INVALID_PROTOBUF : Failed
     to load model because protobuf parsing failed.` -> `Failed to load model because protobuf parsing failed`."""
     return str(error).split(" : ", 3)[-1].splitlines()[0].strip().rstrip(".")
+
+
+def check_signature(session: onnxruntime.InferenceSession, card: Card, names: OnnxRecord, path: Path) -> None:
+    """Refuse a file whose input or output is not what the card says: uint8 (batch, H, W) images in,
+    float logits (batch, classes) out."""
+    (height, width), classes = card.architecture.image_shape, card.architecture.num_classes
+    expected = [
+        (names.input, "tensor(uint8)", [height, width], f"uint8 (batch, {height}, {width})"),
+        (names.output, "tensor(float)", [classes], f"float (batch, {classes})"),
+    ]
+    for role, found, (name, kind, shape, said) in zip(
+        ("input", "output"), (session.get_inputs(), session.get_outputs()), expected, strict=True
+    ):
+        matches = len(found) == 1 and (found[0].name, found[0].type, found[0].shape[1:]) == (name, kind, shape)
+        if not matches or len(found[0].shape) != len(shape) + 1 or isinstance(found[0].shape[0], int):
+            got = ", ".join(f"{arg.name}: {arg.type.removeprefix('tensor(').rstrip(')')} {arg.shape}" for arg in found)
+            problem = f"does not match {path.parent / CARD}: its {role} is {got or 'none'}, the card's {name}: {said}"
+            raise damaged(path, problem, "onnx")
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -66,6 +66,12 @@ class PinnedLinear(torch.autograd.Function):
         grad_bias = torch.from_numpy(products.sum_over_rows(g)) if ctx.has_bias and needs_bias else None
         return grad_inputs, grad_weight, grad_bias
 
+    @staticmethod
+    def symbolic(g, inputs, weight, bias):  # g: torch.onnx's graph; the rest its values
+        """The same function in ONNX's operators, for stages/core/export.py (run there by ONNX Runtime)."""
+        product = g.op("MatMul", inputs, g.op("Transpose", weight, perm_i=[1, 0]))
+        return product if bias is None or bias.node().mustBeNone() else g.op("Add", product, bias)
+
 
 def linear(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """inputs (M, K) -> (M, N) = inputs @ weight.T + bias, pinned on the CPU; elsewhere torch's own kernels
@@ -103,6 +109,13 @@ class NormalisedLinear(torch.autograd.Function):
         grad_weight = products.matmul_over_rows(grad_product, pixels.numpy())  # (N, K)
         grad_weight += (grad_bias * shift).numpy()[:, None]  # the bias's share, through shift * W 1
         return None, torch.from_numpy(grad_weight), grad_bias, None, None
+
+    @staticmethod
+    def symbolic(g, pixels, weight, bias, scale, shift):  # g: torch.onnx's graph; the rest its values
+        """The same function in ONNX's operators, for stages/core/export.py: (W pixels) * scale + (b + shift * W 1)."""
+        product = g.op("MatMul", pixels, g.op("Transpose", weight, perm_i=[1, 0]))
+        row_sums = g.op("ReduceSum", weight, g.op("Constant", value_t=torch.tensor([1])), keepdims_i=0)
+        return g.op("Add", g.op("Mul", product, scale), g.op("Add", bias, g.op("Mul", shift, row_sums)))
 
 
 def normalised_linear(
