@@ -19,10 +19,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
-import time
 
 from benchmarks.isolated import run_isolated
+from benchmarks.matmul_pin import timed_epoch
 from benchmarks.results import ratio, recorded
 
 BATCH = 128
@@ -60,11 +59,6 @@ def build(name: str):
     return nn.Sequential(Normalise(), *layers)
 
 
-def cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
 def epoch(name: str, pinned: bool, threads: int, images: int) -> dict:
     """Seconds (wall and CPU) for one epoch of `name`, pinned or plain."""
     if pinned:
@@ -75,12 +69,9 @@ def epoch(name: str, pinned: bool, threads: int, images: int) -> dict:
     import contextlib
 
     import torch
-    import torch.nn.functional as F
 
-    from stages.core.distributed import SINGLE
     from stages.core.pinning import pinned_cpu
     from stages.core.runtime import make_deterministic, set_cpu_threads
-    from stages.core.training import epoch_order, gathered, make_optimizer
 
     make_deterministic()
     if pinned:
@@ -92,17 +83,8 @@ def epoch(name: str, pinned: bool, threads: int, images: int) -> dict:
     labels = torch.randint(0, 10, (images,), generator=generator)
     torch.manual_seed(0)
     model = build(name)
-    optimizer = make_optimizer("adam", model.parameters(), lr=0.005, momentum=0.0, weight_decay=0.0)
-    batches = epoch_order(images, torch.Generator().manual_seed(0), torch.device("cpu")).split(BATCH)
-    model.train()
-    start, start_cpu = time.perf_counter(), cpu_seconds()
     with pinned_cpu() if pinned else contextlib.nullcontext():
-        for inputs, targets in gathered(pixels, labels, batches, SINGLE):
-            loss = F.cross_entropy(model(inputs), targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-    return {"wall": time.perf_counter() - start, "cpu": cpu_seconds() - start_cpu}
+        return timed_epoch(model, pixels, labels, BATCH)
 
 
 def main() -> None:
