@@ -6,7 +6,7 @@ Run by hand, never in CI (no data needed):
     python -m benchmarks.matmul_pin [--threads 2] [--images 55000] [--rounds 5]
 
 (1) Each matrix product of a training step of the three models at their recipes' batch sizes (the cnn's
-    convolutions as 3x3-patch products: forward, input gradient, weight gradient; the linear
+    convolutions as the products Conv3x3 computes: forward, input gradient, weight gradient; the linear
     layers' likewise), computed by stages/core/products.py on `--threads` threads with OpenBLAS pinned to
     Haswell, against torch's own matmul on as many threads with nothing pinned (MKL's own choice of
     kernels and thread split). Per product, the fastest of `--rounds` rounds, in wall-clock and in CPU
@@ -23,7 +23,6 @@ Each variant runs in its own fresh process: the pin must be set before torch and
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import os
 import resource
@@ -119,19 +118,15 @@ def product_times(pinned: bool, threads: int, rounds: int) -> dict:
 def cnn_epoch(pinned: bool, threads: int, images: int) -> dict:
     """Seconds for one epoch of the cnn recipe's architecture: the train stage's, pinned, or plain PyTorch unpinned."""
     torch = load_torch(pinned)
-    import torch.nn.functional as F
     from torch import nn
 
     from stages.core.contract import Architecture
-    from stages.core.distributed import SINGLE
     from stages.core.runtime import make_deterministic, set_cpu_threads
-    from stages.core.training import epoch_order, gathered, make_optimizer
 
     make_deterministic()
     generator = torch.Generator().manual_seed(0)
     pixels = torch.randint(0, 256, (images, 28, 28), dtype=torch.uint8, generator=generator)
     labels = torch.randint(0, 10, (images,), generator=generator)
-    pin = contextlib.nullcontext()
     if pinned:
         from stages.core.model import build_model
         from stages.core.pinning import pinned_cpu
@@ -140,8 +135,9 @@ def cnn_epoch(pinned: bool, threads: int, images: int) -> dict:
         architecture = Architecture(
             model="cnn", hidden=(128,), image_shape=(28, 28), num_classes=10, mean=0.29, std=0.35, channels=(16, 32)
         )
-        wrapped = build_model(architecture)
-        model, normalise, pin = wrapped.net, wrapped.normalise, pinned_cpu()
+        model = build_model(architecture)
+        with pinned_cpu():
+            return timed_epoch(model.net, pixels, labels, CNN_BATCH, model.normalise)
     else:
         torch.set_num_threads(threads)
 
@@ -162,17 +158,27 @@ def cnn_epoch(pinned: bool, threads: int, images: int) -> dict:
             nn.ReLU(),
             nn.Linear(128, 10),
         )
-        normalise = lambda images, out: images  # noqa: E731  (the model normalises: plain PyTorch's way)
+    return timed_epoch(model, pixels, labels, CNN_BATCH)
+
+
+def timed_epoch(model, pixels, labels, batch: int, normalise=lambda images, out: images) -> dict:
+    """Wall and CPU seconds of one epoch of `model` over `pixels` in seeded batches of `batch`, fused Adam;
+    each batch `normalise`d ahead as the train stage does (by default passed on as it is: uint8)."""
+    import torch
+    import torch.nn.functional as F
+
+    from stages.core.distributed import SINGLE
+    from stages.core.training import epoch_order, gathered, make_optimizer
+
     optimizer = make_optimizer("adam", model.parameters(), lr=0.005, momentum=0.0, weight_decay=0.0)
-    batches = epoch_order(images, torch.Generator().manual_seed(0), torch.device("cpu")).split(CNN_BATCH)
+    batches = epoch_order(len(pixels), torch.Generator().manual_seed(0), torch.device("cpu")).split(batch)
     model.train()
     start, start_cpu = time.perf_counter(), cpu_seconds()
-    with pin:
-        for inputs, targets in gathered((pixels, labels), batches, SINGLE, normalise):
-            loss = F.cross_entropy(model(inputs), targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+    for inputs, targets in gathered((pixels, labels), batches, SINGLE, normalise):
+        loss = F.cross_entropy(model(inputs), targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
     return {"wall": time.perf_counter() - start, "cpu": cpu_seconds() - start_cpu}
 
 
