@@ -54,9 +54,10 @@ endef
 system-packages:
 	@$(call apt_install,dataset-fashion-mnist)
 
-# chromium: the test that opens `dvc plots show`'s page offline in a real browser (skipped without it).
+# chromium: the test that opens `dvc plots show`'s page offline in a real browser (skipped without it);
+# postgresql: the server the search's two workers share a study through (tests/test_search_workers.py).
 test-system-packages:
-	@$(call apt_install,dataset-fashion-mnist chromium)
+	@$(call apt_install,dataset-fashion-mnist chromium postgresql)
 
 # Install the Debian packages not installed yet, where apt is usable; say what happens instead elsewhere.
 define apt_install
@@ -64,7 +65,7 @@ missing=$$(for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 if [ -z "$$missing" ]; then :; \
 elif [ -n "$(APT)" ]; then { $(APT) update -qq && DEBIAN_FRONTEND=noninteractive $(APT) install -y -qq $$missing; } \
   || echo "make: warning: apt-get install $$missing failed: Fashion-MNIST comes from upstream, the tests that need them skip"; \
-else echo "make: cannot apt-get install $$missing here (no apt or not root): Fashion-MNIST comes from upstream, the browser test skips"; fi
+else echo "make: cannot apt-get install $$missing here (no apt or not root): Fashion-MNIST comes from upstream, the browser and PostgreSQL tests skip"; fi
 endef
 
 # DVC 3.67's temporary experiment workers (`dvc exp run --temp`, `dvc queue start`) copy the cache's

@@ -118,13 +118,10 @@ def product_times(pinned: bool, threads: int, rounds: int) -> dict:
 def cnn_epoch(pinned: bool, threads: int, images: int) -> dict:
     """Seconds for one epoch of the cnn recipe's architecture: ConvNet pinned, or plain PyTorch unpinned."""
     torch = load_torch(pinned)
-    import torch.nn.functional as F
     from torch import nn
 
     from stages.core.contract import Architecture
-    from stages.core.distributed import SINGLE
     from stages.core.runtime import make_deterministic, set_cpu_threads
-    from stages.core.training import epoch_order, gathered, make_optimizer
 
     make_deterministic()
     generator = torch.Generator().manual_seed(0)
@@ -158,8 +155,19 @@ def cnn_epoch(pinned: bool, threads: int, images: int) -> dict:
             nn.ReLU(),
             nn.Linear(128, 10),
         )
+    return timed_epoch(model, pixels, labels, CNN_BATCH)
+
+
+def timed_epoch(model, pixels, labels, batch: int) -> dict:
+    """Wall and CPU seconds of one epoch of `model` over `pixels` in seeded batches of `batch`, fused Adam."""
+    import torch
+    import torch.nn.functional as F
+
+    from stages.core.distributed import SINGLE
+    from stages.core.training import epoch_order, gathered, make_optimizer
+
     optimizer = make_optimizer("adam", model.parameters(), lr=0.005, momentum=0.0, weight_decay=0.0)
-    batches = epoch_order(images, torch.Generator().manual_seed(0), torch.device("cpu")).split(CNN_BATCH)
+    batches = epoch_order(len(pixels), torch.Generator().manual_seed(0), torch.device("cpu")).split(batch)
     model.train()
     start, start_cpu = time.perf_counter(), cpu_seconds()
     for inputs, targets in gathered(pixels, labels, batches, SINGLE):

@@ -30,7 +30,9 @@ TESTS_LABEL = "tests"
 
 
 def clock(seconds: float) -> str:
-    return f"{int(seconds // 60)}:{round(seconds % 60):02d}"
+    """`16:21` for 981.2 s."""
+    whole = round(seconds)
+    return f"{whole // 60}:{whole % 60:02d}"
 
 
 def pytest_summary(output: str) -> tuple[str, float]:

@@ -55,6 +55,8 @@ class TrainParams(Params, TrainConfig):
         require(self.batch_size >= 1, "train.batch_size", "must be >= 1")
         require(self.epochs >= 1, "train.epochs", "must be >= 1")
         require(self.early_stopping >= 0, "train.early_stopping", "must be >= 0 (0 = off)")
+        epochs = f"must be 0 (all epochs) to {self.epochs} (train.epochs)"
+        require(0 <= self.stop_after <= self.epochs, "train.stop_after", epochs)
         require(all(width >= 1 for width in self.channels), "train.channels", "widths must be >= 1")
         require(self.model != "cnn" or len(self.channels) >= 1, "train.channels", "the cnn needs at least one width")
         require(self.threads == "auto" or self.threads >= 1, "train.threads", "must be auto or >= 1")
@@ -181,10 +183,15 @@ def open_checkpoint(
     state, and sends it to the other processes, which may run on machines that have no such folder."""
     if folder is None or world.rank > 0:
         return None, None
-    inputs = params.model_dump(mode="json") | {"architecture": architecture.model_dump(mode="json")}
+    # Where to stop does not change the epochs before it: a run cut short continues the whole run's state.
+    inputs = params.model_dump(mode="json", exclude={"stop_after"}) | {
+        "architecture": architecture.model_dump(mode="json")
+    }
     checkpoint = Checkpoint(folder / input_key(inputs, data))
     when_interrupted(checkpoint.next_run)
     resume = checkpoint.load()
+    if resume and resume.epoch > (params.stop_after or params.epochs):
+        resume = None  # saved past where this run stops: start over
     if resume:
         print(
             f"train: resuming after epoch {resume.epoch} of {params.epochs} (state in {checkpoint.folder})", flush=True

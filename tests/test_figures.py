@@ -103,3 +103,13 @@ def test_every_benchmark_records_its_figures() -> None:
         calls = [node for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Call)]
         names = {getattr(call.func, "id", None) for call in calls}
         assert "recorded" in names, f"{path.name} writes no results file (benchmarks.results.recorded)"
+
+
+def test_make_tests_time_is_read_from_pytests_summary_line() -> None:
+    from benchmarks import test_time
+
+    output = "...\n==== 330 passed, 3 skipped, 1 warning in 981.23s (0:16:21) ====\n"
+    assert test_time.pytest_summary(output) == ("330 passed, 3 skipped, 1 warning", 981.23)
+    assert test_time.clock(981.23) == "16:21" and test_time.clock(59.6) == "1:00"
+    with pytest.raises(SystemExit, match="no pytest summary line"):
+        test_time.pytest_summary("make: *** [Makefile:30: test] Error 2\n")

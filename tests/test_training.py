@@ -40,6 +40,7 @@ PARAMS = {
     "batch_size": 50,
     "epochs": 4,
     "early_stopping": 0,
+    "stop_after": 0,
     "seed": 0,
     "threads": 1,
     "processes": 1,
@@ -193,6 +194,18 @@ def test_training_keeps_the_best_epoch_and_stops_early() -> None:
     # Both keep the best epoch's weights, which the early stop reached first: the same model.
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, full.state_dict()[name]), name
+
+
+def test_a_run_cut_short_trains_the_first_epochs_of_the_whole_run() -> None:
+    """train.stop_after, which a search sets on a pruned trial: the schedule still spans train.epochs."""
+    params = train_params(epochs=4)
+    whole_log, cut_log = Log(), Log()
+    run_epochs(params, whole_log)
+    _, stopped = run_epochs(params.model_copy(update={"stop_after": 2}), cut_log)
+    assert cut_log.trained == [1, 2] and cut_log.rows == whole_log.rows[:2]
+    assert (stopped.epoch, stopped.reason) == (2, "stopped after epoch 2 of 4, as asked (a pruned search trial)")
+    with pytest.raises(StageError, match=r"^train\.stop_after: must be 0 \(all epochs\) to 4 \(train\.epochs\)$"):
+        train_params(epochs=4, stop_after=5)
 
 
 def test_a_killed_fit_resumes_to_the_same_bytes(tmp_path: Path) -> None:

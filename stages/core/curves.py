@@ -32,3 +32,13 @@ def write_curves(folder: Path, history: list[dict[str, float]], summary: dict[st
         branch[key] = value
     document = nested | {"step": len(history) - 1} | (summary or {})
     write_text(folder / SUMMARY, json.dumps(document, indent=4) + "\n")
+
+
+def read_curve(folder: Path, name: str) -> list[float]:
+    """The values of curve `name` (such as `val/loss`) that `write_curves` left in `folder`, one per epoch;
+    [] while there is none. Read while training writes it: each file is replaced whole (write_text)."""
+    try:
+        lines = (folder / PLOTS / f"{name}.tsv").read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    return [float(line.split("\t")[1]) for line in lines[1:]]

@@ -16,6 +16,7 @@ tensors never reach a CPU kernel. While it is on, also (docs/numerics.md has eac
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import math
@@ -49,16 +50,11 @@ def array(tensor: torch.Tensor) -> np.ndarray:
     return tensor.detach().resolve_conj().resolve_neg().numpy()
 
 
-def batched_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a (G, M, K) @ b (G, K, N) by products.batched_matmul, in a's dtype."""
-    if a.dtype in WIDENED:
-        return batched_product(a.float(), b.float()).to(a.dtype)
-    return torch.from_numpy(products.batched_matmul(array(a), array(b)))
-
-
 def product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a (M, K) @ b (K, N)."""
-    return batched_product(a[None], b[None])[0]
+    """a (..., M, K) @ b (..., K, N) by products.matmul (leading dimensions broadcast), in a's dtype."""
+    if a.dtype in WIDENED:
+        return product(a.float(), b.float()).to(a.dtype)
+    return torch.from_numpy(products.matmul(array(a), array(b)))
 
 
 def scaled_sum(base: torch.Tensor, result: torch.Tensor, beta: complex = 1, alpha: complex = 1) -> torch.Tensor:
@@ -94,13 +90,13 @@ def addmm_activation(
 
 
 def bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return batched_product(a, b)
+    return product(a, b)
 
 
 def baddbmm(
     base: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, beta: complex = 1, alpha: complex = 1
 ) -> torch.Tensor:
-    return scaled_sum(base, batched_product(a, b), beta, alpha)
+    return scaled_sum(base, product(a, b), beta, alpha)
 
 
 def addbmm(
@@ -143,7 +139,7 @@ def in_place(kernel: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]
 
 @dataclass(frozen=True)
 class Geometry:
-    """A convolution's steps, its kernel's spatial sizes and its groups (one entry per spatial dimension)."""
+    """A convolution's kernel sizes, steps and padding (one entry per spatial dimension), and its groups."""
 
     kernel: tuple[int, ...]
     stride: tuple[int, ...]
@@ -159,12 +155,12 @@ class Geometry:
             )
         )
 
-    def offsets(self) -> Iterator[tuple[slice, ...]]:
-        """For each kernel position, in (row, column, ...) order, the padded positions it meets as the
-        output positions step: to be cut from a channels-last map with `out_sizes` outputs."""
+    def reach(self, outs: Sequence[int]) -> Iterator[tuple[slice, ...]]:
+        """For each kernel position in order, the padded positions it meets as the outputs `outs` step."""
         for position in itertools.product(*(range(k) for k in self.kernel)):
             yield tuple(
-                slice(p * dil, None, step) for p, dil, step in zip(position, self.dilation, self.stride, strict=True)
+                slice(p * dil, p * dil + step * (out - 1) + 1, step)
+                for p, dil, step, out in zip(position, self.dilation, self.stride, outs, strict=True)
             )
 
 
@@ -174,102 +170,138 @@ def geometry_of(
     return Geometry(tuple(weight.shape[2:]), tuple(stride), tuple(padding), tuple(dilation), groups)
 
 
-def padded_channels_last(maps: torch.Tensor, padding: Sequence[int]) -> torch.Tensor:
-    """(B, C, *S) -> (B, *(S + 2 padding), C), contiguous, zeros around."""
-    moved = maps.movedim(1, -1)
-    if not any(padding):
-        return moved.contiguous()
-    padded = maps.new_zeros(
-        (maps.shape[0], *(size + 2 * pad for size, pad in zip(maps.shape[2:], padding, strict=True)), maps.shape[1])
-    )
-    padded[(slice(None), *(slice(pad, pad + size) for pad, size in zip(padding, maps.shape[2:], strict=True)))] = moved
-    return padded
-
-
-def patches(maps: torch.Tensor, geometry: Geometry) -> torch.Tensor:
-    """(B, C, *S) -> (G, B*prod(O), prod(kernel)*C/G): each output position's (zero-padded) neighbourhood in
-    (kernel position, channel) order, one matrix per group of channels."""
-    padded = padded_channels_last(maps, geometry.padding)
-    batch, channels, groups = maps.shape[0], maps.shape[1], geometry.groups
-    outs = geometry.out_sizes(maps.shape[2:])
-    steps = padded.stride()[1:-1]
+def columns(maps: torch.Tensor, geometry: Geometry) -> torch.Tensor:
+    """im2col: (B, C, *S) -> (B, G, C/G * prod(kernel), prod(O)), each output position's zero-padded
+    neighbourhood as a column, rows in (channel, kernel position) order as the weight's memory has them."""
+    pads = [side for pad in reversed(geometry.padding) for side in (pad, pad)]
+    padded = F.pad(maps, pads) if any(pads) else maps.contiguous()
+    batch, channels = maps.shape[:2]
+    outs, steps = geometry.out_sizes(maps.shape[2:]), padded.stride()[2:]
     view = padded.as_strided(
-        (batch, *outs, *geometry.kernel, groups, channels // groups),
+        (batch, channels, *geometry.kernel, *outs),
         (
-            padded.stride(0),
+            *padded.stride()[:2],
+            *(step * dil for step, dil in zip(steps, geometry.dilation, strict=True)),
             *(step * s for step, s in zip(steps, geometry.stride, strict=True)),
-            *(step * d for step, d in zip(steps, geometry.dilation, strict=True)),
-            channels // groups,
-            1,
         ),
     )
-    return view.movedim(-2, 0).reshape(groups, batch * math.prod(outs), math.prod(geometry.kernel) * channels // groups)
+    return view.reshape(
+        batch, geometry.groups, channels // geometry.groups * math.prod(geometry.kernel), math.prod(outs)
+    )
+
+
+def uncolumns(cols: torch.Tensor, geometry: Geometry, shape: Sequence[int]) -> torch.Tensor:
+    """col2im, `columns`' adjoint: (B, G, C/G * prod(kernel), prod(O)) -> maps of `shape` (B, C, *S), each
+    kernel position's share added into a zeroed padded map, in a fixed order."""
+    batch, channels, *sizes = shape
+    outs = geometry.out_sizes(sizes)
+    shares = cols.reshape(batch, channels, math.prod(geometry.kernel), *outs)
+    padded = cols.new_zeros(
+        (batch, channels, *(size + 2 * pad for size, pad in zip(sizes, geometry.padding, strict=True)))
+    )
+    for index, reach in enumerate(geometry.reach(outs)):
+        padded[(slice(None), slice(None), *reach)] += shares[:, :, index]
+    inside = (slice(pad, pad + size) for pad, size in zip(geometry.padding, sizes, strict=True))
+    return padded[(slice(None), slice(None), *inside)].contiguous()
 
 
 def weight_rows(weight: torch.Tensor, groups: int) -> torch.Tensor:
-    """(Cout, C/G, *kernel) -> (G, Cout/G, prod(kernel)*C/G), columns in `patches`' order."""
-    return weight.movedim(1, -1).reshape(groups, weight.shape[0] // groups, -1)
+    """(Cout, C/G, *kernel) -> (G, Cout/G, C/G * prod(kernel)), columns in `columns`' row order."""
+    return weight.reshape(groups, weight.shape[0] // groups, math.prod(weight.shape[1:]))
 
 
-def grouped_rows(maps: torch.Tensor, groups: int) -> torch.Tensor:
-    """(B, C, *S) -> (G, B*prod(S), C/G): each group's channels-last rows."""
-    batch, channels, *sizes = maps.shape
-    moved = maps.movedim(1, -1).reshape(batch, *sizes, groups, channels // groups)
-    return moved.movedim(-2, 0).reshape(groups, batch * math.prod(sizes), channels // groups)
+def grouped(maps: torch.Tensor, groups: int) -> torch.Tensor:
+    """(B, C, *S) -> (B, G, C/G, prod(S))."""
+    return maps.reshape(maps.shape[0], groups, maps.shape[1] // groups, math.prod(maps.shape[2:]))
 
 
-def from_grouped_rows(rows: torch.Tensor, batch: int, sizes: Sequence[int], like: torch.Tensor) -> torch.Tensor:
-    """(G, B*prod(S), C/G) -> (B, C, *S) in `like`'s memory format (channels-last stays channels-last)."""
-    groups, _, width = rows.shape
-    maps = rows.reshape(groups, batch, *sizes, width).movedim(0, -2).reshape(batch, *sizes, groups * width)
-    channels_first = maps.movedim(-1, 1)
-    return channels_first if is_channels_last(like) else channels_first.contiguous()
+def image_chunks(batch: int, work_per_image: int) -> list[slice]:
+    """Consecutive images per task, from the shapes alone: about products.TASK_FLOP of work each."""
+    per_task = max(1, products.TASK_FLOP // max(work_per_image, 1))
+    return [slice(start, start + per_task) for start in range(0, batch, per_task)]
 
 
-def is_channels_last(maps: torch.Tensor) -> bool:
-    formats = {4: torch.channels_last, 5: torch.channels_last_3d}
-    return maps.dim() in formats and not maps.is_contiguous() and maps.is_contiguous(memory_format=formats[maps.dim()])
+def per_image(task: Callable[[slice], None], batch: int, work_per_image: int) -> None:
+    """`task` for each chunk of images, on the products' threads: im2col, col2im and the products of
+    different images touch different memory, and torch and numpy release the GIL while they copy and multiply,
+    so the bytes are the same on any number of threads."""
+    products.run([functools.partial(task, images) for images in image_chunks(batch, work_per_image)])
 
 
 def convolved(maps: torch.Tensor, weight: torch.Tensor, geometry: Geometry) -> torch.Tensor:
-    """The convolution's output as (G, B*prod(O), Cout/G) rows."""
-    return batched_product(patches(maps, geometry), weight_rows(weight, geometry.groups).transpose(1, 2))
+    """The convolution of `maps` (B, C, *S) with `weight`: (B, Cout, *O), per image and group W @ columns."""
+    if maps.dtype in WIDENED:
+        return convolved(maps.float(), weight.float(), geometry).to(maps.dtype)
+    rows = array(weight_rows(weight, geometry.groups))  # (G, Cout/G, C/G * prod(K))
+    outs = geometry.out_sizes(maps.shape[2:])
+    out = maps.new_empty((maps.shape[0], *rows.shape[:2], math.prod(outs)))  # (B, G, Cout/G, prod(O))
+    target = array(out)
+
+    def multiply(images: slice) -> None:
+        cols = array(columns(maps[images], geometry))
+        for index in np.ndindex(cols.shape[:2]):
+            np.matmul(rows[index[1]], cols[index], out=target[images][index])
+
+    per_image(multiply, maps.shape[0], 2 * rows.size * math.prod(outs))
+    return out.view(maps.shape[0], weight.shape[0], *outs)
 
 
-def input_gradient(rows: torch.Tensor, weight: torch.Tensor, geometry: Geometry, like: torch.Tensor) -> torch.Tensor:
-    """The gradient (B, C, *S) of a convolution's input shaped as `like`, from the output's gradient as
-    (G, B*prod(O), Cout/G) rows: each kernel position's share added into a zeroed padded map, in a fixed order."""
-    batch, channels, *sizes = like.shape
-    groups, outs = geometry.groups, geometry.out_sizes(sizes)
-    shares = batched_product(rows, weight_rows(weight, groups))  # (G, B*prod(O), prod(kernel)*C/G)
-    shares = shares.view(groups, batch, *outs, math.prod(geometry.kernel), channels // groups).movedim(0, -2)
-    padded_sizes = [size + 2 * pad for size, pad in zip(sizes, geometry.padding, strict=True)]
-    padded = like.new_zeros((batch, *padded_sizes, groups, channels // groups), dtype=shares.dtype)
-    for index, offset in enumerate(geometry.offsets()):
-        ends = (
-            slice(cut.start, cut.start + cut.step * (out - 1) + 1, cut.step)
-            for cut, out in zip(offset, outs, strict=True)
+def input_gradient(grad: torch.Tensor, weight: torch.Tensor, geometry: Geometry, shape: Sequence[int]) -> torch.Tensor:
+    """The gradient of the input (of `shape`) of the convolution whose output has the gradient `grad`:
+    per image and group W.T @ grad, put back in place by col2im."""
+    if grad.dtype in WIDENED:
+        return input_gradient(grad.float(), weight.float(), geometry, shape).to(grad.dtype)
+    rows = array(weight_rows(weight, geometry.groups))  # (G, Cout/G, C/G * prod(K))
+    grads = array(grouped(grad, geometry.groups))  # (B, G, Cout/G, prod(O))
+    result = grad.new_empty(shape)
+
+    def spread(images: slice) -> None:
+        part = grads[images]
+        shares = np.empty((*part.shape[:2], rows.shape[2], part.shape[3]), part.dtype)
+        for index in np.ndindex(part.shape[:2]):
+            np.matmul(rows[index[1]].T, part[index], out=shares[index])
+        result[images] = uncolumns(torch.from_numpy(shares), geometry, (part.shape[0], *shape[1:]))
+
+    per_image(spread, grad.shape[0], 2 * rows.size * grads.shape[3])
+    return result
+
+
+def weight_gradient(grad: torch.Tensor, maps: torch.Tensor, geometry: Geometry) -> torch.Tensor:
+    """The gradient of the weight of the convolution of `maps` whose output has the gradient `grad`:
+    per image and group grad @ columns.T, summed over the images first to last. (G, Cout/G, C/G * prod(K))"""
+    if grad.dtype in WIDENED:
+        return weight_gradient(grad.float(), maps.float(), geometry).to(grad.dtype)
+    grads = array(grouped(grad, geometry.groups))  # (B, G, Cout/G, prod(O))
+    width = maps.shape[1] // geometry.groups * math.prod(geometry.kernel)
+    sums = np.empty((*grads.shape[:3], width), grads.dtype)  # per image: (B, G, Cout/G, C/G * prod(K))
+
+    def multiply(images: slice) -> None:
+        cols = array(columns(maps[images], geometry))
+        for index in np.ndindex(cols.shape[:2]):
+            np.matmul(grads[images][index], cols[index].T, out=sums[images][index])
+
+    per_image(multiply, grad.shape[0], 2 * math.prod(sums.shape[1:]) * grads.shape[3])
+    return torch.from_numpy(products.ordered_sum(list(sums), sums.shape[1:], sums.dtype))
+
+
+def transposed_shape(maps: torch.Tensor, weight: torch.Tensor, geometry: Geometry, extra: Sequence[int]) -> list[int]:
+    """The output shape of a transposed convolution: the input shape of the convolution it transposes."""
+    sizes = [
+        (size - 1) * step - 2 * pad + dil * (k - 1) + more + 1
+        for size, step, pad, dil, k, more in zip(
+            maps.shape[2:], geometry.stride, geometry.padding, geometry.dilation, geometry.kernel, extra, strict=True
         )
-        padded[(slice(None), *ends)] += shares.select(-3, index)
-    inside = padded[(slice(None), *(slice(pad, pad + size) for pad, size in zip(geometry.padding, sizes, strict=True)))]
-    maps = inside.reshape(batch, *sizes, channels).movedim(-1, 1)
-    return maps if is_channels_last(like) else maps.contiguous()
+    ]
+    return [maps.shape[0], weight.shape[1] * geometry.groups, *sizes]
 
 
-def weight_gradient(rows: torch.Tensor, maps: torch.Tensor, geometry: Geometry, weight: torch.Tensor) -> torch.Tensor:
-    """The gradient of a convolution's weight (Cout, C/G, *kernel), from its output's gradient as rows and its
-    input `maps`: per group, rows.T @ patches, summed over the positions in products.py's fixed chunks."""
-    if rows.dtype in WIDENED:
-        return weight_gradient(rows.float(), maps.float(), geometry, weight.float()).to(rows.dtype)
-    cols = patches(maps, geometry)
-    sums = [products.matmul_over_rows(array(rows[g]), array(cols[g])) for g in range(geometry.groups)]
-    stacked = torch.from_numpy(np.concatenate(sums))  # (Cout, prod(kernel)*C/G)
-    return stacked.view(weight.shape[0], *geometry.kernel, weight.shape[1]).movedim(-1, 1).contiguous()
-
-
-def bias_gradient(rows: torch.Tensor) -> torch.Tensor:
-    """(G, M, Cout/G) -> (Cout,): each channel's gradient summed over the positions, in fixed chunks."""
-    return torch.from_numpy(np.concatenate([products.sum_over_rows(array(group)) for group in rows]))
+def in_format_of(maps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`maps` in `like`'s memory format: a channels-last input gives a channels-last output, as in torch."""
+    formats = {4: torch.channels_last, 5: torch.channels_last_3d}
+    wanted = formats.get(like.dim())
+    if wanted is None or like.is_contiguous() or not like.is_contiguous(memory_format=wanted):
+        return maps
+    return maps.contiguous(memory_format=wanted)
 
 
 def convolution(
@@ -284,23 +316,15 @@ def convolution(
     groups: int,
 ) -> torch.Tensor:
     """aten::convolution: nn.Conv1d/2d/3d and their transposes. A transposed convolution's output is the
-    input gradient of the convolution it transposes, whose input has the transposed output's shape."""
+    input gradient of the convolution it transposes."""
     geometry = geometry_of(weight, stride, padding, dilation, groups)
-    batch = maps.shape[0]
     if transposed:
-        sizes = [
-            (size - 1) * step - 2 * pad + dil * (k - 1) + extra + 1
-            for size, step, pad, dil, k, extra in zip(
-                maps.shape[2:], stride, padding, dilation, geometry.kernel, output_padding, strict=True
-            )
-        ]
-        like = maps.new_empty((batch, weight.shape[1] * groups, *sizes))
-        out = input_gradient(grouped_rows(maps, groups), weight, geometry, like)
+        out = input_gradient(maps, weight, geometry, transposed_shape(maps, weight, geometry, output_padding))
     else:
-        out = from_grouped_rows(convolved(maps, weight, geometry), batch, geometry.out_sizes(maps.shape[2:]), maps)
+        out = convolved(maps, weight, geometry)
     if bias is not None:
         out += bias.view(-1, *[1] * (out.dim() - 2))
-    return out
+    return in_format_of(out, maps)
 
 
 def convolution_backward(
@@ -316,26 +340,22 @@ def convolution_backward(
     groups: int,
     output_mask: Sequence[bool],
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """aten::convolution_backward: the gradients of the input, the weight and the bias that `output_mask` asks for.
-
-    For a transposed convolution the roles swap: its input gradient is the convolution of its output's
+    """aten::convolution_backward: the gradients of the input, the weight and the bias that `output_mask` asks
+    for. For a transposed convolution the roles swap: its input gradient is the convolution of its output's
     gradient, and its weight gradient that of the convolution taking the output's gradient as input."""
     geometry = geometry_of(weight, stride, padding, dilation, groups)
     wants_input, wants_weight, wants_bias = output_mask
-    grad_rows = grouped_rows(grad, groups)
+    grad = grad.contiguous()
     grad_input = grad_weight = None
-    if transposed:
-        maps_rows = grouped_rows(maps, groups)
-        if wants_input:
-            grad_input = from_grouped_rows(convolved(grad, weight, geometry), maps.shape[0], maps.shape[2:], maps)
-        if wants_weight:
-            grad_weight = weight_gradient(maps_rows, grad, geometry, weight)
-    else:
-        if wants_input:
-            grad_input = input_gradient(grad_rows, weight, geometry, maps)
-        if wants_weight:
-            grad_weight = weight_gradient(grad_rows, maps, geometry, weight)
-    grad_bias = bias_gradient(grad_rows).to(grad.dtype) if wants_bias else None
+    if wants_input:
+        grad_input = (
+            convolved(grad, weight, geometry) if transposed else input_gradient(grad, weight, geometry, maps.shape)
+        )
+        grad_input = in_format_of(grad_input, maps)
+    if wants_weight:
+        sums = weight_gradient(maps, grad, geometry) if transposed else weight_gradient(grad, maps, geometry)
+        grad_weight = sums.view(weight.shape)
+    grad_bias = grad.sum([0, *range(2, grad.dim())]) if wants_bias else None
     return grad_input, grad_weight, grad_bias
 
 

@@ -90,18 +90,23 @@ def quietly(task: Callable[[], object]) -> object:
 
 
 def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """a (M, K) @ b (K, N), in row blocks of `rows_per_task` rows each."""
-    return batched_matmul(a[None], b[None])[0]
+    """a (..., M, K) @ b (..., K, N), over leading dimensions broadcast as np.matmul broadcasts them: each
+    (M, K) @ (K, N) in row blocks of `rows_per_task` rows, one OpenBLAS call each; blocks too small to be
+    worth a task (a convolution's per-image products) share one, which calls them in turn (the calls, and
+    with them the bytes, are the same however they are shared)."""
+    lead = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    a, b = np.broadcast_to(a, lead + a.shape[-2:]), np.broadcast_to(b, lead + b.shape[-2:])
+    rows, inner, columns = a.shape[-2], a.shape[-1], b.shape[-1]
+    out = np.empty((*lead, rows, columns), dtype=np.result_type(a, b))
+    step = rows_per_task(2 * inner * columns, rows)
+    blocks = [(item, slice(start, start + step)) for item in np.ndindex(lead) for start in range(0, rows, step)]
+    shared = max(1, TASK_FLOP // max(2 * step * inner * columns, 1))
 
+    def multiply(part: list[tuple[tuple[int, ...], slice]]) -> None:
+        for item, block in part:
+            np.matmul(a[item][block], b[item], out=out[item][block])
 
-def batched_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """a (G, M, K) @ b (G, K, N): each of the G products cut as `matmul` cuts it, all their tasks in one run."""
-    out = np.empty((a.shape[0], a.shape[1], b.shape[2]), dtype=np.result_type(a, b))
-    step = rows_per_task(2 * a.shape[2] * b.shape[2], a.shape[1])
-    blocks = [
-        (index, slice(start, start + step)) for index in range(a.shape[0]) for start in range(0, a.shape[1], step)
-    ]
-    run([functools.partial(np.matmul, a[index, rows], b[index], out=out[index, rows]) for index, rows in blocks])
+    run([functools.partial(multiply, blocks[first : first + shared]) for first in range(0, len(blocks), shared)])
     return out
 
 

@@ -41,6 +41,9 @@ class FitConfig:
     early_stopping: int  # patience: stop when validation loss has not improved for this many epochs; 0 = off
     seed: int  # shuffling
     precision: Literal["fp32", "bf16", "fp16"]  # bf16/fp16 autocast on CUDA only
+    # Stop after this epoch, the schedule still spanning `epochs` (0: train them all): a run cut short where
+    # a search pruned it, whose first epochs are those of the whole run.
+    stop_after: int = 0
 
 
 class TrainConfig(BaseModel):
@@ -60,6 +63,7 @@ class TrainConfig(BaseModel):
     batch_size: int
     epochs: int
     early_stopping: int
+    stop_after: int  # 0, or the last epoch trained of the `epochs`-epoch schedule
     seed: int  # initial weights and shuffling
     # CPU threads for the matrix products, per process; auto = this process's share of its cores. A speed
     # knob only: the bytes do not depend on it, so the recipe leaves it out.
@@ -79,10 +83,21 @@ class TrainConfig(BaseModel):
         used), and `threads` not at all, so that a change that cannot change the weights leaves the model's
         bytes untouched; `processes` only when several trained, so that a one-process card keeps its bytes.
         """
-        recorded_elsewhere = {"model", "model_args", "hidden", "channels", "device", "processes", "threads"}
+        recorded_elsewhere = {
+            "model",
+            "model_args",
+            "hidden",
+            "channels",
+            "device",
+            "processes",
+            "threads",
+            "stop_after",
+        }
         recipe = self.model_dump(exclude=recorded_elsewhere)
         if self.processes > 1:
             recipe["processes"] = self.processes
+        if self.stop_after:
+            recipe["stop_after"] = self.stop_after
         return recipe
 
 
@@ -286,7 +301,7 @@ def fit(
     for epoch, metrics in enumerate(history, start=1):
         report(EpochLog(epoch, metrics, None))
     stop = best.stops_after(len(history))
-    for epoch in range(len(history) + 1, config.epochs + 1):
+    for epoch in range(len(history) + 1, (config.stop_after or config.epochs) + 1):
         if stop:
             break
         start = time.perf_counter()
@@ -314,8 +329,15 @@ def fit(
             save(stepper.state(history, model, best))
         report(EpochLog(epoch, history[-1], time.perf_counter() - start))
     model.load_state_dict(best.weights)
-    reason = f"validation loss not lower for {config.early_stopping} epochs (early stopping)" if stop else None
-    return Stopped(epoch=len(history), best_epoch=best.epoch, reason=reason or f"all {config.epochs} epochs done")
+    return Stopped(epoch=len(history), best_epoch=best.epoch, reason=why_stopped(config, len(history), stop))
+
+
+def why_stopped(config: FitConfig, epochs_trained: int, early: bool) -> str:
+    if early:
+        return f"validation loss not lower for {config.early_stopping} epochs (early stopping)"
+    if epochs_trained < config.epochs:
+        return f"stopped after epoch {epochs_trained} of {config.epochs}, as asked (a pruned search trial)"
+    return f"all {config.epochs} epochs done"
 
 
 def gathered(
