@@ -163,6 +163,13 @@ def test_each_recipe_reaches_its_floor(model: str, checkout: Path) -> None:
     onnx_agrees_with_evaluate(checkout)
 
 
+def test_a_network_of_your_own_predicts_as_evaluate_did(checkout: Path) -> None:
+    """The README's example network, one epoch: its model.onnx gives evaluate's classes, as the built-ins' do."""
+    dvc(checkout, "exp", "run", "-S", "train.model=nets/wide.py:WideNet", "-S", "train.epochs=1", timeout=1200)
+    assert json.loads((checkout / "models" / "model.json").read_text())["onnx"]["file"] == "model.onnx"
+    onnx_agrees_with_evaluate(checkout)
+
+
 def test_readme_gives_the_recipes_tested_here() -> None:
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     for model in RECIPES:
