@@ -22,6 +22,7 @@ so each epoch count is its own run), for (c) the fit with the fewest lbfgs itera
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import statistics
 import sys
@@ -166,13 +167,14 @@ def eager(pinned: bool = False) -> dict:
     No schedule, shuffling, validation or accuracy: a lower bound for any loop built on torch's autograd
     and optimizers, and (e)/(f) what the floor target asks of eager PyTorch. Best of 5 passes after one.
 
-    (e') the same under the pin, as (b) runs: ATen's AVX2 kernels, and torch's own ops on one thread
-    (their reductions' bytes depend on the count: `set_cpu_threads`)."""
+    (e') the same under the pin, as (b) runs: ATen's AVX2 kernels, torch's own ops on one thread (their
+    reductions' bytes depend on the count: `set_cpu_threads`), nn.Linear's products by `pinned_cpu`."""
     if pinned:
         import stages  # noqa: F401  (first: importing the package pins the numerics before torch loads)
     import torch
     import torch.nn.functional as F
 
+    from stages.core.pinning import pinned_cpu
     from stages.core.runtime import resolve_threads, set_cpu_threads
     from stages.core.splits import load_split, read_meta
     from stages.params import load_section
@@ -193,11 +195,12 @@ def eager(pinned: bool = False) -> dict:
     optimizer = torch.optim.Adam(model.parameters(), lr=params.lr, fused=True)
 
     def epoch() -> None:
-        for x, y in batches:
-            loss = F.cross_entropy(model(x), y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+        with pinned_cpu() if pinned else contextlib.nullcontext():
+            for x, y in batches:
+                loss = F.cross_entropy(model(x), y)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
 
     setup = f"torch threads {torch.get_num_threads()}, cpu_capability {torch.backends.cpu.get_cpu_capability()}"
     return {"epoch_s": fastest_pass(epoch), "note": f"batch {params.batch_size}, {setup}, fused Adam"}
