@@ -326,14 +326,17 @@ def test_unwritable_out_is_one_line(project: Path, forks: StageForks, tmp_path: 
 def test_more_threads_or_processes_than_the_machine_runs_are_refused_before_anything_starts(
     project: Path, tmp_path: Path
 ) -> None:
-    """More threads than the machine has CPUs, or processes whose memory (measured at start) is more than it
+    """Far more threads than the machine has CPUs, or processes whose memory (measured at start) is more than it
     has: one line with the number that fits, before a thread or process starts."""
     command = stage_command(project, "train")
     command[command.index("--out") + 1] = str(tmp_path / "models")
     cpus = os.cpu_count()
     set_params(project, **{"train.threads": 100000})
     line = one_line_error(run(project, *command, check=False, timeout=60), "train: error: train.threads: ")
-    wanted = f"100000 threads, more than the {cpus} CPUs of this machine run at once; set {cpus} or fewer (or auto)"
+    wanted = (
+        f"100000 threads, more than this machine can start usefully (16 per CPU, {cpus} CPUs); set {cpus} or "
+        f"fewer for speed (or auto), at most {16 * cpus}"
+    )
     assert line == f"train: error: train.threads: {wanted}"
 
     set_params(project, **{"train.threads": 1, "train.processes": 100000})

@@ -62,15 +62,23 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+# Threads beyond the CPUs run (the bytes do not depend on the count) but only wait; past this many per CPU
+# the setting is refused.
+THREADS_PER_CPU = 16
+
+
 def resolve_threads(setting: int | Literal["auto"], processes: int = 1) -> int:
-    """`auto`: this process's share of the available cores among `processes` on this machine; else as given,
-    and SettingError for more threads than the machine has CPUs to run at once (each one only waits)."""
+    """`auto`: this process's share of the available cores among `processes` on this machine; else as given.
+    A few threads per CPU only wait for each other (the launcher warns); beyond THREADS_PER_CPU per CPU a
+    count is a typo, not a setting, and starting that many threads would take the machine down first, so it
+    is a SettingError naming the count that fits."""
     if setting == "auto":
         return max(1, available_cores() // processes)
     cpus = os.cpu_count() or 1
-    if setting > cpus:
+    if setting > THREADS_PER_CPU * cpus:
         raise SettingError(
-            f"{setting} threads, more than the {cpus} CPUs of this machine run at once; set {cpus} or fewer (or auto)"
+            f"{setting} threads, more than this machine can start usefully ({THREADS_PER_CPU} per CPU, "
+            f"{cpus} CPUs); set {cpus} or fewer for speed (or auto), at most {THREADS_PER_CPU * cpus}"
         )
     return setting
 
