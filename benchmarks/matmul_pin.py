@@ -12,11 +12,11 @@ Run by hand, never in CI (no data needed):
     kernels and thread split). Per product, the fastest of `--rounds` rounds, in wall-clock and in CPU
     seconds (all threads together: on a busy machine wall-clock times are the other processes' as much
     as these, CPU seconds much less); the ratios are pinned / unpinned (target <= 1.15).
-(2) One epoch of the cnn recipe as the train stage runs it (ConvNet: Conv3x3 through the pinned
-    products, torch's own ops on one thread), against the same architecture written as plain PyTorch
-    (nn.Conv2d on NCHW maps, nn.Linear, torch's own kernels on `--threads` threads, nothing pinned), on
-    random images of Fashion-MNIST's size: same batches, same fused Adam. The ratios, wall-clock and CPU,
-    are pinned / plain (target <= 1.0).
+(2) One epoch of the cnn recipe as the train stage runs it (the plain torch.nn CNN under
+    stages.core.pinning's context, each batch normalised ahead on the gather thread), against the same
+    architecture written as plain PyTorch (nn.Conv2d on NCHW maps, nn.Linear, torch's own kernels on
+    `--threads` threads, nothing pinned), on random images of Fashion-MNIST's size: same batches, same
+    fused Adam. The ratios, wall-clock and CPU, are pinned / plain (target <= 1.0).
 Each variant runs in its own fresh process: the pin must be set before torch and numpy load.
 """
 
@@ -116,7 +116,7 @@ def product_times(pinned: bool, threads: int, rounds: int) -> dict:
 
 
 def cnn_epoch(pinned: bool, threads: int, images: int) -> dict:
-    """Seconds for one epoch of the cnn recipe's architecture: ConvNet pinned, or plain PyTorch unpinned."""
+    """Seconds for one epoch of the cnn recipe's architecture: the train stage's, pinned, or plain PyTorch unpinned."""
     torch = load_torch(pinned)
     from torch import nn
 
@@ -128,13 +128,16 @@ def cnn_epoch(pinned: bool, threads: int, images: int) -> dict:
     pixels = torch.randint(0, 256, (images, 28, 28), dtype=torch.uint8, generator=generator)
     labels = torch.randint(0, 10, (images,), generator=generator)
     if pinned:
-        from stages.core.model import ConvNet
+        from stages.core.model import build_model
+        from stages.core.pinning import pinned_cpu
 
         set_cpu_threads(threads)
         architecture = Architecture(
             model="cnn", hidden=(128,), image_shape=(28, 28), num_classes=10, mean=0.29, std=0.35, channels=(16, 32)
         )
-        model = ConvNet(architecture)
+        model = build_model(architecture)
+        with pinned_cpu():
+            return timed_epoch(model.net, pixels, labels, CNN_BATCH, model.normalise)
     else:
         torch.set_num_threads(threads)
 
@@ -158,8 +161,9 @@ def cnn_epoch(pinned: bool, threads: int, images: int) -> dict:
     return timed_epoch(model, pixels, labels, CNN_BATCH)
 
 
-def timed_epoch(model, pixels, labels, batch: int) -> dict:
-    """Wall and CPU seconds of one epoch of `model` over `pixels` in seeded batches of `batch`, fused Adam."""
+def timed_epoch(model, pixels, labels, batch: int, normalise=lambda images, out: images) -> dict:
+    """Wall and CPU seconds of one epoch of `model` over `pixels` in seeded batches of `batch`, fused Adam;
+    each batch `normalise`d ahead as the train stage does (by default passed on as it is: uint8)."""
     import torch
     import torch.nn.functional as F
 
@@ -170,7 +174,7 @@ def timed_epoch(model, pixels, labels, batch: int) -> dict:
     batches = epoch_order(len(pixels), torch.Generator().manual_seed(0), torch.device("cpu")).split(batch)
     model.train()
     start, start_cpu = time.perf_counter(), cpu_seconds()
-    for inputs, targets in gathered(pixels, labels, batches, SINGLE):
+    for inputs, targets in gathered((pixels, labels), batches, SINGLE, normalise):
         loss = F.cross_entropy(model(inputs), targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

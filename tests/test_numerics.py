@@ -78,10 +78,35 @@ def files_in(folder: Path) -> dict[str, bytes]:
     return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
 
 
+# A network of the user's, in plain torch.nn, with what the pin covers beyond the built-in models: a 5x5
+# convolution of stride 2, a grouped and dilated one, dropout and batch norm.
+OWN_NETWORK = """
+import torch.nn.functional as F
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self, num_classes, in_channels, width=8):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, width, 5, stride=2, padding=2)  # 28 -> 14
+        self.conv2 = nn.Conv2d(width, 2 * width, 3, padding=2, dilation=2, groups=2, bias=False)
+        self.norm = nn.BatchNorm2d(2 * width)
+        self.dropout = nn.Dropout(0.25)
+        self.head = nn.Linear(2 * width * 7 * 7, num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.conv1(x))
+        x = F.max_pool2d(F.relu(self.norm(self.conv2(x))), 2)  # (B, 2 width, 7, 7)
+        return self.head(self.dropout(x.flatten(1)))
+"""
+
+
 @pytest.fixture(scope="module")
 def tiny_preprocessed(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny project's data, preprocessed once for the module: each test writes its own output folders."""
+    """The tiny project's data, preprocessed once for the module, with a network of the user's in nets/: each
+    test writes its own output folders."""
     project = make_tiny_project(tmp_path_factory.mktemp("numerics"))
+    (project / "nets" / "pinned.py").write_text(OWN_NETWORK)
     dvc(project, "repro", "preprocess")
     return project
 
@@ -113,20 +138,32 @@ def test_every_cpu_variant_writes_the_same_bytes(preprocessed: Path) -> None:
         assert not differing, f"under {name} ({variant}) these differ from the reference: {differing}"
 
 
-def test_a_cnn_writes_the_same_bytes_under_every_cpu_variant(preprocessed: Path) -> None:
-    """A cnn adds batch norm, max-pooling and the convolutions' own products: the same check."""
+@pytest.mark.parametrize(
+    ("model", "train_params"),
+    [
+        ("cnn", {"model": "cnn", "channels": [4, 8], "hidden": [16], "epochs": 2}),
+        ("own", {"model": "nets/pinned.py:Net", "epochs": 2}),
+    ],
+)
+def test_convolutions_write_the_same_bytes_under_every_cpu_variant(
+    preprocessed: Path, model: str, train_params: dict
+) -> None:
+    """A cnn adds batch norm, max-pooling and convolutions; a network of the user's strided, grouped and
+    dilated convolutions and dropout: the same check."""
     params = yaml.safe_load((preprocessed / "params.yaml").read_text())
-    params["train"].update(model="cnn", channels=[4, 8], hidden=[16], epochs=2)
+    params["train"].update(train_params)
     (preprocessed / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    reference = train_and_evaluate(preprocessed, "cnn-reference", {})
-    for name in ("oneDNN SSE4.1", "ATen default", "OpenBLAS SkylakeX", "all at once"):
-        written = train_and_evaluate(preprocessed, "cnn-" + name.replace(" ", "-"), VARIANTS[name])
+    reference = train_and_evaluate(preprocessed, f"{model}-reference", {})
+    for name in ("oneDNN SSE4.1", "ATen default", "OpenBLAS SkylakeX", "MKL AUTO", "all at once"):
+        written = train_and_evaluate(preprocessed, f"{model}-" + name.replace(" ", "-"), VARIANTS[name])
         differing = sorted(path for path in reference if written.get(path) != reference[path])
         assert not differing, f"under {name} ({VARIANTS[name]}) these differ from the reference: {differing}"
 
 
-def test_the_variants_do_change_the_bytes_without_the_pin(preprocessed: Path) -> None:
-    """Without the pin, the same variants give other weights: the test above could fail, and would."""
+@pytest.mark.parametrize("model", ["mlp", "nets/pinned.py:Net"])
+def test_the_variants_do_change_the_bytes_without_the_pin(preprocessed: Path, model: str) -> None:
+    """Without the pin, the same variants give other weights: the tests above could fail, and would."""
+    set_params(preprocessed, **{"train.model": model})
     weights = {
         name: train(preprocessed, f"unpinned-{index}", variant, pinned=False)["model.safetensors"]
         for index, (name, variant) in enumerate(
@@ -147,6 +184,7 @@ MODELS = {
     "logreg": {"model": "logreg", "batch_size": 500, "epochs": 2},
     "mlp": {"model": "mlp", "hidden": [256], "batch_size": 500, "epochs": 2},
     "cnn": {"model": "cnn", "channels": [16, 32], "hidden": [32], "batch_size": 100, "epochs": 1},
+    "own": {"model": "nets/pinned.py:Net", "batch_size": 100, "epochs": 1},
 }
 
 

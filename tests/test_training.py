@@ -12,13 +12,20 @@ import torch
 import torch.nn.functional as F
 from helpers import synthetic_split
 from pydantic import ValidationError
-from torch import nn
 
 from stages.cli import StageError
 from stages.core.contract import PREDICT_BATCH, Architecture
 from stages.core.curves import write_curves
 from stages.core.metrics import predict
-from stages.core.model import Card, Conv3x3, ConvNet, architecture_for, build_model, init_model, load_model, save_model
+from stages.core.model import (
+    MAPS_PREDICT_BATCH,
+    Card,
+    architecture_for,
+    build_model,
+    init_model,
+    load_model,
+    save_model,
+)
 from stages.core.resume import STATE, Checkpoint, input_key
 from stages.core.runtime import make_deterministic
 from stages.core.splits import Meta
@@ -76,15 +83,13 @@ def test_cnn_normalises_inside_and_matches_a_functional_forward() -> None:
     torch.manual_seed(0)
     architecture = architecture_for("cnn", (16,), META, (4, 8))
     model = build_model(architecture).eval()
-    assert isinstance(model, ConvNet)
     images = torch.randint(0, 256, (5, 28, 28), dtype=torch.uint8)
     x = ((images.double() / 255 - 0.25) / 0.5).unsqueeze(1)  # (5, 1, 28, 28)
-    for block in model.features:
-        x = F.max_pool2d(F.conv2d(x, block.conv.weight.double(), padding=1), 2)  # 28 -> 14 -> 7
-        norm = block.norm
+    for conv, norm in zip(model.net.convs, model.net.norms, strict=True):
+        x = F.max_pool2d(F.conv2d(x, conv.weight.double(), padding=1), 2)  # 28 -> 14 -> 7
         x = (x - norm.running_mean.double()[:, None, None]) / (norm.running_var.double()[:, None, None] + 1e-5).sqrt()
         x = F.relu(x * norm.weight.double()[:, None, None] + norm.bias.double()[:, None, None])
-    first, second = model.head[0], model.head[2]
+    first, second = model.net.head.layers
     hidden = F.relu(x.flatten(1) @ first.weight.double().T + first.bias.double())  # (5, 8 * 7 * 7) -> (5, 16)
     expected = hidden @ second.weight.double().T + second.bias.double()
     torch.testing.assert_close(model(images).double(), expected, rtol=1e-5, atol=1e-5)
@@ -92,33 +97,13 @@ def test_cnn_normalises_inside_and_matches_a_functional_forward() -> None:
 
 def test_the_cnn_predicts_in_passes_of_its_own_size() -> None:
     """A cnn's activations per image are many times a linear model's: `predict` (validation in `fit`, the
-    benchmarks' test passes) runs it on ConvNet.predict_batch images at a time, which bounds its peak memory."""
+    benchmarks' test passes) runs it on MAPS_PREDICT_BATCH images at a time, which bounds its peak memory."""
     model = build_model(architecture_for("cnn", (16,), META, (4, 8)))
     passes: list[int] = []
     model.register_forward_pre_hook(lambda module, inputs: passes.append(len(inputs[0])))
-    predict(model, torch.randint(0, 256, (ConvNet.predict_batch + 5, 28, 28), dtype=torch.uint8))
-    assert passes == [ConvNet.predict_batch, 5]
-    assert ConvNet.predict_batch < PREDICT_BATCH  # the linear models' passes, the logreg's bytes, are unchanged
-
-
-def test_conv3x3_computes_and_differentiates_as_conv2d() -> None:
-    """The matrix-product convolution against torch's own conv2d and its autograd, in float64."""
-    torch.manual_seed(0)
-    conv = Conv3x3(3, 5).double()
-    maps = torch.randn(2, 6, 7, 3, dtype=torch.float64, requires_grad=True)  # odd sizes: the padding's edges
-    ours = conv(maps)  # (2, 6, 7, 5)
-    reference = F.conv2d(maps.permute(0, 3, 1, 2), conv.weight, padding=1).permute(0, 2, 3, 1)
-    torch.testing.assert_close(ours, reference)
-    upstream = torch.randn_like(ours)
-    ours_grads = torch.autograd.grad(ours, (maps, conv.weight), upstream)
-    reference_grads = torch.autograd.grad(reference, (maps, conv.weight), upstream)
-    for got, expected in zip(ours_grads, reference_grads, strict=True):
-        torch.testing.assert_close(got, expected)
-    # nn.Conv2d's initial weights, drawn the same way
-    torch.manual_seed(1)
-    ours = Conv3x3(3, 5).weight
-    torch.manual_seed(1)
-    assert torch.equal(ours, nn.Conv2d(3, 5, 3, bias=False).weight)
+    predict(model, torch.randint(0, 256, (MAPS_PREDICT_BATCH + 5, 28, 28), dtype=torch.uint8))
+    assert passes == [MAPS_PREDICT_BATCH, 5]
+    assert build_model(architecture_for("mlp", (16,), META)).predict_batch == PREDICT_BATCH > MAPS_PREDICT_BATCH
 
 
 def test_cnn_round_trips_through_its_files(tmp_path: Path) -> None:

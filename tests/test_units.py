@@ -18,16 +18,7 @@ from threadpoolctl import threadpool_info
 from stages.core import artifacts, products
 from stages.core.errors import SettingError
 from stages.core.metrics import calibration, confusion_matrix, per_class_scores, predict, score
-from stages.core.model import (
-    Card,
-    Classifier,
-    Linear,
-    architecture_for,
-    linear,
-    load_model,
-    normalised_linear,
-    save_model,
-)
+from stages.core.model import Card, architecture_for, build_model, load_model, save_model
 from stages.core.runtime import autocast_for, available_cores, resolve_device, resolve_threads, set_cpu_threads
 from stages.core.splits import Meta, pixel_statistics, share_of, split_train_val
 from stages.core.training import EpochLog, epoch_order, fit, make_optimizer, make_schedule
@@ -77,59 +68,32 @@ def test_calibration_by_hand() -> None:
     assert ece == pytest.approx(0.5 * 0.05 + 0.5 * 0.35)
 
 
-def test_classifier_normalises_inside_and_matches_a_hand_written_forward() -> None:
+def test_the_model_normalises_inside_and_matches_a_hand_written_forward() -> None:
     torch.manual_seed(0)
-    model = Classifier(architecture_for("logreg", (), META))
+    model = build_model(architecture_for("logreg", (), META))
     images = torch.randint(0, 256, (5, 28, 28), dtype=torch.uint8)
-    linear = model.layers[0]
+    linear = model.net.layers[0]
     expected = ((images.flatten(1).double() / 255 - 0.25) / 0.5) @ linear.weight.double().T + linear.bias.double()
     torch.testing.assert_close(model(images).double(), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_the_architecture_model_decides_the_layers() -> None:
-    mlp = Classifier(architecture_for("mlp", (32, 16), META))
-    assert [layer.out_features for layer in mlp.layers if isinstance(layer, torch.nn.Linear)] == [32, 16, 10]
+    mlp = build_model(architecture_for("mlp", (32, 16), META))
+    assert [layer.out_features for layer in mlp.net.layers] == [32, 16, 10]
     logreg = architecture_for("logreg", (32, 16), META)
     assert logreg.hidden == ()
-    assert [type(layer) for layer in Classifier(logreg).layers] == [Linear]
+    assert [type(layer) for layer in build_model(logreg).net.layers] == [torch.nn.Linear]
     with pytest.raises(ValueError, match="logreg with hidden widths"):
         logreg.model_validate(logreg.model_dump() | {"hidden": (8,)})
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_the_pinned_linear_matches_torch_autograd(dtype: torch.dtype) -> None:
-    """Forward and all three gradients against torch's own F.linear, with enough rows for several tasks."""
-    generator = torch.Generator().manual_seed(3)
-    rows = 3 * products.rows_per_task(2 * 40 * 7, 10**6) + 5  # three whole row blocks and a partial one
-    inputs, weight, bias = (
-        torch.randn(*shape, dtype=dtype, generator=generator) for shape in ((rows, 40), (7, 40), (7,))
-    )
-    ours = [tensor.clone().requires_grad_() for tensor in (inputs, weight, bias)]
-    theirs = [tensor.clone().requires_grad_() for tensor in (inputs, weight, bias)]
-    out, expected = linear(*ours), F.linear(*theirs)
-    grad = torch.randn(expected.shape, dtype=dtype, generator=generator)
-    out.backward(grad)
-    expected.backward(grad)
-    tolerance = {"rtol": 1e-10, "atol": 1e-10} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-3}
-    for got, want in zip([out, *(t.grad for t in ours)], [expected, *(t.grad for t in theirs)], strict=True):
-        torch.testing.assert_close(got, want, **tolerance)
-
-
-def test_the_fused_first_layer_is_the_bytes_of_autograds_chain() -> None:
-    """normalised_linear's one autograd node against autograd over the same ops one by one: the same
-    logits, weight and bias gradients, to the bit (so the trained model's bytes do not change)."""
-    generator = torch.Generator().manual_seed(5)
-    pixels = torch.randint(0, 256, (300, 40), generator=generator).float()
-    weight, bias = torch.randn(7, 40, generator=generator), torch.randn(7, generator=generator)
-    scale, shift = torch.tensor(1 / (255 * 0.3)), torch.tensor(-0.2 / 0.3)
-    grad = torch.randn(300, 7, generator=generator)
-    fused, chain = [(weight.clone().requires_grad_(), bias.clone().requires_grad_()) for _ in range(2)]
-    out = normalised_linear(pixels, *fused, scale, shift)
-    expected = linear(pixels, chain[0]) * scale + (chain[1] + shift * chain[0].sum(1))
-    out.backward(grad)
-    expected.backward(grad)
-    assert torch.equal(out, expected)
-    assert torch.equal(fused[0].grad, chain[0].grad) and torch.equal(fused[1].grad, chain[1].grad)
+def test_the_training_loops_normalisation_ahead_of_the_step_is_the_forward_passes_to_the_bit() -> None:
+    """fit normalises each batch into a buffer on a helper thread; the saved model normalises inside its forward."""
+    model = build_model(architecture_for("logreg", (), META))
+    images = torch.randint(0, 256, (6, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
+    into = model.normalise(images, out=torch.full((6, 1, 28, 28), float("nan")))
+    assert torch.equal(into, model.normalise(images)) and into.shape == (6, 1, 28, 28)
+    assert torch.equal(into, images[:, None].float() * model.scale + model.shift)
 
 
 def test_the_pinned_products_are_the_same_bytes_at_any_thread_count() -> None:
@@ -192,24 +156,24 @@ def test_auto_threads_are_the_cores_this_process_may_use() -> None:
 def test_one_sgd_step_equals_the_closed_form_gradient() -> None:
     """Softmax cross-entropy: dL/dW = (softmax(XW^T + b) - onehot)^T X / B, the oracle for autograd + SGD."""
     torch.manual_seed(1)
-    model = Classifier(architecture_for("logreg", (), META))
+    model = build_model(architecture_for("logreg", (), META))
     images = torch.randint(0, 256, (8, 28, 28), dtype=torch.uint8)
     labels = torch.randint(0, 10, (8,))
     inputs = (images.flatten(1).float() / 255 - 0.25) / 0.5
-    weight, bias = model.layers[0].weight.detach().clone(), model.layers[0].bias.detach().clone()
+    weight, bias = model.net.layers[0].weight.detach().clone(), model.net.layers[0].bias.detach().clone()
     residual = (inputs @ weight.T + bias).softmax(1) - F.one_hot(labels, 10).float()
     lr = 0.1
     expected_weight = weight - lr * residual.T @ inputs / 8
     expected_bias = bias - lr * residual.mean(0)
 
     fit(model, (images, labels), (images, labels), sgd_epoch(lr, batch_size=8))  # one epoch, one batch: one step
-    torch.testing.assert_close(model.layers[0].weight.detach(), expected_weight, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(model.layers[0].bias.detach(), expected_bias, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(model.net.layers[0].weight.detach(), expected_weight, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(model.net.layers[0].bias.detach(), expected_bias, rtol=1e-4, atol=1e-5)
 
 
 def test_train_epoch_reports_the_mean_loss_over_batches_of_unequal_size() -> None:
     torch.manual_seed(2)
-    model = Classifier(architecture_for("logreg", (), META))
+    model = build_model(architecture_for("logreg", (), META))
     images = torch.randint(0, 256, (10, 28, 28), dtype=torch.uint8)
     labels = torch.randint(0, 10, (10,))
     untrained = F.cross_entropy(model(images), labels).item()
@@ -237,7 +201,7 @@ def test_cosine_schedule_is_the_closed_form_in_float32(total: int) -> None:
 
 def test_predict_in_batches_equals_one_pass_and_score_by_hand() -> None:
     torch.manual_seed(3)
-    model = Classifier(architecture_for("mlp", (16,), META))
+    model = build_model(architecture_for("mlp", (16,), META))
     images = torch.randint(0, 256, (23, 28, 28), dtype=torch.uint8)
     torch.testing.assert_close(predict(model, images, batch_size=5), predict(model, images, batch_size=100))
     logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 0.0]])
@@ -296,7 +260,7 @@ def test_devices_that_are_absent_are_refused() -> None:
 
 def test_saved_model_round_trips_and_is_the_same_bytes_in_another_process(tmp_path: Path) -> None:
     torch.manual_seed(4)
-    model = Classifier(architecture_for("mlp", (8,), META))
+    model = build_model(architecture_for("mlp", (8,), META))
     card = Card(
         architecture=architecture_for("mlp", (8,), META),
         classes=CLASSES,

@@ -7,7 +7,6 @@ their types and checks from here.
 
 from __future__ import annotations
 
-import itertools
 import math
 from pathlib import Path
 from typing import Any
@@ -18,8 +17,9 @@ from stages.core.artifacts import read_checked, write_json
 from stages.core.errors import damaged
 from stages.core.files import CARD
 
-# Images per forward pass when only predicting (a cnn's: ConvNet.predict_batch): memory and speed; the
-# logits change only in their last bits (stages/core/products.py cuts each product into tasks by its shape).
+# Images per forward pass when only predicting with a linear model (Normalised.predict_batch in
+# stages/core/model.py): memory and speed; the logits change only in their last bits (stages/core/products.py
+# cuts each product into tasks by its shape).
 PREDICT_BATCH = 8192
 
 
@@ -172,19 +172,10 @@ def write_card(folder: Path, card: Card) -> None:
 
 
 def layer_widths(architecture: Architecture) -> list[int]:
-    """Inputs, hidden widths, outputs: the Linear layers are consecutive pairs, `layers.{2 i}` in the weights
-    (nn.Sequential numbers the ReLUs between them too)."""
+    """Inputs, hidden widths, outputs of a linear model (logreg, mlp): its nn.Linear layers take consecutive
+    pairs (stages/core/networks.py)."""
     hidden = architecture.hidden if architecture.model == "mlp" else ()
     return [math.prod(architecture.image_shape), *hidden, architecture.num_classes]
-
-
-def expected_weights(architecture: Architecture) -> dict[str, tuple[int, ...]]:
-    """The shape of every weight a linear model (logreg, mlp) has, by name."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    for index, (width_in, width_out) in enumerate(itertools.pairwise(layer_widths(architecture))):
-        shapes[f"layers.{2 * index}.weight"] = (width_out, width_in)
-        shapes[f"layers.{2 * index}.bias"] = (width_out,)
-    return shapes
 
 
 def check_weights(path: Path, folder: Path, expected: dict[str, Any], found: dict[str, Any]) -> None:

@@ -1,7 +1,8 @@
 """The training loop, on whole tensors: no DataLoader, no per-sample transforms.
 
-The dataset lives on the device as uint8; a batch is an index gather from a seeded permutation, and the
-model normalises it. Nothing the size of the dataset is allocated per epoch except the permutation itself.
+The dataset lives on the device as uint8; a batch is an index gather from a seeded permutation, normalised
+by the model's own `normalise` one batch ahead, and its network takes the step. Nothing the size of the
+dataset is allocated per epoch except the permutation itself.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from stages.core.contract import Stopped
 from stages.core.distributed import SINGLE, World, all_reduce_sum, data_parallel, shard
 from stages.core.errors import SettingError
 from stages.core.metrics import Scores, predict, score
+from stages.core.model import Normalised
 from stages.core.pinning import pinned_cpu
 from stages.core.runtime import autocast_for
 from stages.core.splits import Split
@@ -273,7 +275,7 @@ class Stepper:
 
 @pinned_cpu()  # on the CPU, any network's products and convolutions: the same bytes on every machine
 def fit(
-    model: nn.Module,
+    model: Normalised,
     train_set: Split,
     val_set: Split,
     config: FitConfig,
@@ -290,8 +292,8 @@ def fit(
     trains its part of every batch through DistributedDataParallel and all see the same scores.
     Raises SettingError when training diverges, checked once per epoch: NaN weights never recover.
     """
-    images, labels = train_set
-    network = data_parallel(model, world)  # `model` itself for one process; evaluate and save `model`
+    images = train_set[0]
+    network = data_parallel(model.net, world)  # the network alone takes the steps; evaluate and save `model`
     stepper = Stepper.build(model, config, steps_per_epoch=-(-len(images) // config.batch_size))
     autocast = autocast_for(images.device, config.precision)
     best, history = BestEpoch(config.early_stopping), []
@@ -312,7 +314,7 @@ def fit(
         loss_sum = torch.zeros((), device=images.device)
         correct = torch.zeros((), dtype=torch.int64, device=images.device)
         batches = epoch_order(len(images), stepper.shuffle, images.device).split(config.batch_size)
-        for batch, (inputs, targets) in zip(batches, gathered(images, labels, batches, world), strict=True):
+        for batch, (inputs, targets) in zip(batches, gathered(train_set, batches, world, model.normalise), strict=True):
             with autocast:
                 logits = network(inputs)
                 loss, summed = batch_loss(logits, targets, len(batch), world.size)
@@ -341,24 +343,27 @@ def why_stopped(config: FitConfig, epochs_trained: int, early: bool) -> str:
 
 
 def gathered(
-    images: torch.Tensor, labels: torch.Tensor, batches: tuple[torch.Tensor, ...], world: World
+    split: Split, batches: tuple[torch.Tensor, ...], world: World, normalise: Callable[..., torch.Tensor]
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """This process's part of each batch, its images and labels, gathered one batch ahead on a helper
-    thread: copying rows from all over the dataset waits on memory, which the step before it overlaps.
+    """This process's part of each batch of `split`, its images normalised (float (B, 1, H, W)) and its labels,
+    prepared one batch ahead on a helper thread: copying rows from all over the dataset waits on memory, and
+    normalising is a pass over every pixel, which the step before overlaps.
 
-    The images go into two buffers in turn (memory that the helper thread allocated afresh for each
-    batch cost a page fault per 4 KiB), so a batch's images are valid until the next batch is taken.
+    The pixels and the maps go into two buffers each, in turn (memory that the helper thread allocated afresh
+    for each batch cost a page fault per 4 KiB), so a batch's maps are valid until the next batch is taken.
     """
     if not batches:
         return
+    images, labels = split
     rows = len(shard(batches[0], world))  # the first batch is whole, and its first part the largest
-    buffers = [images.new_empty((rows, *images.shape[1:])) for _ in range(2)]
+    pixels = [images.new_empty((rows, *images.shape[1:])) for _ in range(2)]
+    maps = [images.new_empty((rows, 1, *images.shape[1:]), dtype=torch.float32) for _ in range(2)]
 
     def gather(index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        part = shard(batches[index], world)
+        part, buffer = shard(batches[index], world), index % 2
         # index_select copies whole rows; images[part] takes the generic (and here 10x slower) index path.
-        inputs = torch.index_select(images, 0, part, out=buffers[index % 2][: len(part)])
-        return inputs, labels.index_select(0, part)
+        inputs = torch.index_select(images, 0, part, out=pixels[buffer][: len(part)])
+        return normalise(inputs, out=maps[buffer][: len(part)]), labels.index_select(0, part)
 
     with ThreadPoolExecutor(1, thread_name_prefix="gather") as helper:
         ahead = helper.submit(gather, 0)
