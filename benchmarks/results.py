@@ -69,7 +69,7 @@ def ratio(label: str, value: float, digits: int, target: str | None = None, deta
 
 def met(value: float, target: str) -> bool:
     """Whether `value` meets `target` (`<= 2x`, `>= 40x`, `<= 15 min`)."""
-    found = re.fullmatch(r"(<=|>=)\s*([\d.,]+)\s*[^\d]*", target.strip())
+    found = re.fullmatch(r"(<=|>=)\s*(-?[\d.,]+)\s*[^\d]*", target.strip())
     if found is None:
         raise ValueError(f"target {target!r}: write it as `<= N` or `>= N`, a unit after N")
     bound = float(found[2].replace(",", ""))
