@@ -186,7 +186,7 @@ def test_two_gloo_processes_train_an_epoch_as_one_process_does(tmp_path: Path) -
     for name, tensor in state.items():
         assert torch.equal(ranks[0]["state"][name], ranks[1]["state"][name]), name  # the ranks agree exactly
         torch.testing.assert_close(ranks[0]["state"][name], tensor, rtol=1e-5, atol=1e-6, msg=name)
-    assert state["features.0.norm.num_batches_tracked"] == 3  # batch norm counted the global batches
+    assert state["net.norms.0.num_batches_tracked"] == 3  # batch norm counted the global batches
     torch.testing.assert_close(ranks[0]["scores"], scores, rtol=1e-5, atol=1e-6)
 
 

@@ -137,9 +137,10 @@ def all_reduce_sum(tensor: torch.Tensor, world: World) -> torch.Tensor:
 
 
 class GlobalBatchNorm(nn.BatchNorm1d):
-    """BatchNorm1d over the global batch, for CPU processes (torch's SyncBatchNorm runs on GPUs only).
+    """BatchNorm1d over the global batch, for CPU processes (torch's SyncBatchNorm runs on GPUs only); its
+    2-D and 3-D forms below differ only in the inputs they accept.
 
-    In training, each rank sums its part per channel (dimension 1 of (N, C) or (N, C, L) inputs); the sums
+    In training, each rank sums its part per channel (dimension 1 of (N, C, ...) inputs); the sums
     over all ranks give the global batch's mean and (biased) variance, which normalise, and whose unbiased
     variance moves the running statistics, as batch norm does on the whole batch in one process.
     Evaluation uses the running statistics, as batch norm does.
@@ -168,6 +169,24 @@ class GlobalBatchNorm(nn.BatchNorm1d):
         return centred * scale.view(shape) + self.bias.view(shape)
 
 
+class GlobalBatchNorm2d(GlobalBatchNorm):
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        nn.BatchNorm2d._check_input_dim(self, x)
+
+
+class GlobalBatchNorm3d(GlobalBatchNorm):
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        nn.BatchNorm3d._check_input_dim(self, x)
+
+
+# Each batch norm of torch's and its global-batch form on CPU processes.
+GLOBAL_BATCH_NORM = {
+    nn.BatchNorm1d: GlobalBatchNorm,
+    nn.BatchNorm2d: GlobalBatchNorm2d,
+    nn.BatchNorm3d: GlobalBatchNorm3d,
+}
+
+
 def synchronised_batch_norm(model: nn.Module, device: torch.device) -> nn.Module:
     """`model` with every batch norm computing its statistics over the global batch: torch's SyncBatchNorm on
     GPUs, GlobalBatchNorm on CPUs. The parameters and buffers are the same tensors, so the state_dict (and
@@ -175,10 +194,8 @@ def synchronised_batch_norm(model: nn.Module, device: torch.device) -> nn.Module
     if device.type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
     for name, child in model.named_children():
-        if isinstance(child, (nn.BatchNorm2d, nn.BatchNorm3d)):  # the models here normalise (N, C) rows only
-            raise ValueError(f"{type(child).__name__} is not synchronised on CPU processes; use BatchNorm1d")
-        if type(child) is nn.BatchNorm1d:
-            replacement = GlobalBatchNorm(child.num_features, child.eps, child.momentum)
+        if type(child) in GLOBAL_BATCH_NORM:
+            replacement = GLOBAL_BATCH_NORM[type(child)](child.num_features, child.eps, child.momentum)
             replacement.weight, replacement.bias = child.weight, child.bias
             for buffer in ("running_mean", "running_var", "num_batches_tracked"):
                 setattr(replacement, buffer, getattr(child, buffer))
