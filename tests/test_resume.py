@@ -93,8 +93,11 @@ def interrupt_repro(project: Path, line_prefix: str, signum: int, whole_group: b
             if whole_group:
                 os.killpg(process.pid, signum)
             else:
+                # A grandchild where DVC's shell (SHELL, else /bin/sh: dash) does not exec the command.
                 (stage,) = [
-                    child for child in psutil.Process(process.pid).children() if "stages.train" in child.cmdline()
+                    child
+                    for child in psutil.Process(process.pid).children(recursive=True)
+                    if "stages.train" in child.cmdline()
                 ]
                 stage.send_signal(signum)
             break

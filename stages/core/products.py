@@ -56,15 +56,20 @@ def threads() -> int:
     return _pool._max_workers if _pool is not None else 1
 
 
+def one_blas_thread() -> None:
+    """Keep numpy's OpenBLAS on one thread per call (its own split would change the bytes). Checked at
+    every product, not set once: a caller's `threadpool_limits` block puts its old count back on exit."""
+    for library in numpy_openblas():
+        if library.num_threads != 1:
+            library.set_num_threads(1)
+
+
 @functools.cache
-def one_blas_thread() -> str | None:
-    """Limit numpy's OpenBLAS to one thread per call, once per process (its own split would change the
-    bytes); returns the OpenBLAS core type in use (None: numpy has another BLAS)."""
+def numpy_openblas() -> tuple:
+    """numpy's OpenBLAS libraries (none: numpy has another BLAS), found once per process."""
     from threadpoolctl import ThreadpoolController
 
-    openblas = ThreadpoolController().select(internal_api="openblas")
-    openblas.limit(limits=1)
-    return next((info.get("architecture") for info in openblas.info()), None)
+    return tuple(ThreadpoolController().select(internal_api="openblas").lib_controllers)
 
 
 def rows_per_task(row_flop: int, rows: int) -> int:
