@@ -58,7 +58,7 @@ def test_each_trial_is_an_experiment_and_the_stalled_one_is_pruned(project: Path
 
     pruned = study.trials[1]
     epochs = pruned.user_attrs["epochs"]
-    assert 2 <= epochs < 8 and listed["lr-1-pruned"]["params"]["params.yaml"]["data"]["train"]["stop_after"] == epochs
+    assert 1 <= epochs < 8 and listed["lr-1-pruned"]["params"]["params.yaml"]["data"]["train"]["stop_after"] == epochs
     # Clearly worse than the first trial where it was stopped, and continued from the killed run's state: the
     # experiment's train stage trained no epoch again.
     assert pruned.intermediate_values[epochs] > 10 * study.trials[0].intermediate_values[epochs]

@@ -10,7 +10,7 @@ import pytest
 from ruamel.yaml import YAML
 
 from stages.cli import StageError
-from stages.commands.search import checked_space, open_study
+from stages.commands.search import checked_space, halving_pruner, open_study
 from stages.core.search import as_override
 from stages.params import parse_section, read_params_file
 from stages.train import TrainParams
@@ -81,10 +81,10 @@ def test_a_study_keeps_its_space(tmp_path: Path) -> None:
     storage = f"sqlite:///{tmp_path / 'search.db'}"
     (first := tmp_path / "first.yaml").write_text("train.lr: [0.01, 0.02]\n")
     (second := tmp_path / "second.yaml").write_text("train.lr: {low: 0.01, high: 0.02}\n")
-    open_study("s", storage, checked_space(first, PARAMS), seed=0, startup=None)
-    open_study("s", storage, checked_space(first, PARAMS), seed=1, startup=4)  # the same space: goes on
+    open_study("s", storage, checked_space(first, PARAMS), seed=0)
+    open_study("s", storage, checked_space(first, PARAMS), seed=1, pruner=halving_pruner(2, 3))  # goes on
     with pytest.raises(StageError, match=r"^--study s: exists with another space \(\[\{\"key\": \"train.lr\""):
-        open_study("s", storage, checked_space(second, PARAMS), seed=0, startup=None)
+        open_study("s", storage, checked_space(second, PARAMS), seed=0)
 
 
 @pytest.mark.parametrize(
@@ -98,5 +98,41 @@ def test_a_study_keeps_its_space(tmp_path: Path) -> None:
 def test_a_database_that_cannot_be_used_is_one_line(tmp_path: Path, storage: str, line: str) -> None:
     (space := tmp_path / "space.yaml").write_text("train.lr: [0.01, 0.02]\n")
     with pytest.raises(StageError) as raised:
-        open_study("s", storage, checked_space(space, PARAMS), seed=0, startup=None)
+        open_study("s", storage, checked_space(space, PARAMS), seed=0)
     assert str(raised.value).startswith(line) and "secret" not in str(raised.value), raised.value
+
+
+def stopped_at(study: optuna.Study, losses: list[float]) -> int | None:
+    """The epoch at which the study's pruner stops a trial of these validation losses (None: it runs whole),
+    asked after each epoch as the search asks it."""
+    trial = study.ask()
+    for epoch, loss in enumerate(losses, start=1):
+        trial.report(loss, epoch)
+        if trial.should_prune():
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            return epoch
+    study.tell(trial, min(losses))
+    return None
+
+
+def test_the_pruner_keeps_the_best_third_at_epochs_1_and_3_after_the_startup_trials() -> None:
+    study = optuna.create_study(pruner=halving_pruner(startup=2, reduction_factor=3))
+    assert stopped_at(study, [0.5, 0.4, 0.3, 0.2]) is None
+    assert stopped_at(study, [0.6, 0.5, 0.4, 0.3]) is None  # worse at every epoch, but a startup trial
+    # Of 3 or more losses at an epoch, a trial must be among the best third: with fewer than 6, the best.
+    assert stopped_at(study, [0.55, 0.5, 0.4, 0.3]) == 1
+    assert stopped_at(study, [0.45, 0.4, 0.35, 0.1]) == 3  # the best at epoch 1, not at epoch 3
+    assert stopped_at(study, [0.4, 0.3, 0.25, 0.25]) is None  # the best at both: runs whole
+    assert stopped_at(study, [0.42, 0.3, 0.2, 0.2]) is None  # 6 losses at epoch 1: 0.42 is the second best
+
+    no_startup = optuna.create_study(pruner=halving_pruner(startup=0, reduction_factor=3))
+    assert stopped_at(no_startup, [0.5, 0.4, 0.3, 0.2]) is None and stopped_at(no_startup, [0.6, 0.5]) == 1
+
+
+@pytest.mark.parametrize(
+    ("startup", "factor", "line"),
+    [(-1, 3, "--startup-trials -1: must be >= 0"), (2, 1, "--reduction-factor 1: must be >= 2")],
+)
+def test_a_bad_pruning_option_is_one_line(startup: int, factor: int, line: str) -> None:
+    with pytest.raises(StageError, match=f"^{line}"):
+        halving_pruner(startup, factor)

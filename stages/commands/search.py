@@ -56,6 +56,7 @@ OBJECTIVE, ACCURACY = "val/loss", "val/accuracy"  # the study minimises the kept
 HEARTBEAT_S = 10  # a trial whose worker stopped beating for 2 of these is failed by the next worker
 POLL_S = 0.2  # how often the live curves are read while train runs
 FAILURES_IN_A_ROW = 3  # then the search stops: something other than the params is wrong
+STARTUP_TRIALS, REDUCTION_FACTOR = 2, 3  # the pruner's: benchmarks/search_speed.py and docs/search.md say why
 
 
 class TrialFailed(Exception):
@@ -73,9 +74,16 @@ def arguments() -> argparse.Namespace:
     parser.add_argument(
         "--startup-trials",
         type=int,
-        default=4,
-        help="trials that run whole before the pruner compares (default: 4); it prunes a trial whose validation "
-        "loss is above the median of the earlier trials' at the same epoch, from epoch 2 on",
+        default=STARTUP_TRIALS,
+        help=f"trials that run whole before the pruner stops any (default: {STARTUP_TRIALS})",
+    )
+    parser.add_argument(
+        "--reduction-factor",
+        type=int,
+        default=REDUCTION_FACTOR,
+        metavar="R",
+        help="the pruner lets a trial go on past epochs 1, R, R^2, ... only while its validation loss there is "
+        f"among the best 1/R of all trials' at that epoch (default: {REDUCTION_FACTOR})",
     )
     parser.add_argument("--push", metavar="GIT_REMOTE", help="`dvc exp push` each trial's experiment there")
     return parser.parse_args()
@@ -87,7 +95,7 @@ def main() -> None:
         raise StageError(f"--trials {args.trials}: must be >= 0 (0: only say which trial is best)")
     check_name(args.study)
     dimensions = checked_space(args.space, args.params)
-    pruner = None if args.no_prune else args.startup_trials
+    pruner = None if args.no_prune else halving_pruner(args.startup_trials, args.reduction_factor)
     study = open_study(args.study, args.storage, dimensions, args.seed, pruner)
     fail_own_dead_trials(study)
     section, _, key = EPOCHS.partition(".")
@@ -155,15 +163,25 @@ def pipeline_folders(pipeline: Path = Path("dvc.yaml")) -> Folders:
     return Folders(live=option("train", "--live"), model=option("train", "--out"), metrics=option("evaluate", "--out"))
 
 
-def open_study(name: str, storage_url: str, dimensions: list[Dimension], seed: int | None, startup: int | None):
+def halving_pruner(startup: int, reduction_factor: int):
+    """Successive halving from epoch 1 (stages/core/pruning.py), once `startup` trials have run whole."""
+    if startup < 0:
+        raise StageError(f"--startup-trials {startup}: must be >= 0 (0: the pruner stops trials from the first)")
+    if reduction_factor < 2:
+        raise StageError(f"--reduction-factor {reduction_factor}: must be >= 2 (3: the best third goes on)")
+    from stages.core.pruning import HalvingPruner
+
+    return HalvingPruner(startup, reduction_factor)
+
+
+def open_study(name: str, storage_url: str, dimensions: list[Dimension], seed: int | None, pruner: Any = None):
     """The study `name` in the database, made on first use; refused when it was started with another space.
-    Pruned by the median rule after `startup` whole trials (None: never)."""
+    Its trials are stopped early by `pruner` (None: never)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # each trial gets the search's own line instead
     with database_errors(storage_url):
         storage = rdb_storage(storage_url)
-        pruner = None if startup is None else optuna.pruners.MedianPruner(n_startup_trials=startup, n_warmup_steps=2)
         study = optuna.create_study(
             study_name=name,
             storage=storage,
