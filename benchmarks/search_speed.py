@@ -69,7 +69,9 @@ def grid(folder: Path, epochs: int, budget: int) -> dict:
     """The grid of as many points as `budget` epochs pay for, queued and run by one `dvc queue` worker."""
     learning_rates = max(1, budget // epochs // (len(GRID_BATCHES) * len(GRID_WIDTHS)))
     low, high = SPACE["train.lr"]["low"], SPACE["train.lr"]["high"]
-    points = list(itertools.product(np.geomspace(low, high, learning_rates), GRID_BATCHES, GRID_WIDTHS))
+    # The middles of equal log-spaced cells, as a user lays a grid: never the range's ends alone.
+    middles = np.geomspace(low, high, 2 * learning_rates + 1)[1::2]
+    points = list(itertools.product(middles, GRID_BATCHES, GRID_WIDTHS))
     for lr, batch, width in points:
         settings = [f"train.lr={float(lr)!r}", f"train.batch_size={batch}", f"train.hidden={width}"]
         dvc(folder, "exp", "run", "--queue", *(arg for setting in settings for arg in ("-S", setting)))
