@@ -38,8 +38,11 @@ def load(project: Path, study: str) -> optuna.Study:
 
 def test_each_trial_is_an_experiment_and_the_stalled_one_is_pruned(project: Path) -> None:
     space = space_file(project.parent / "stalling.yaml", STALLING_SPACE)
+    # Started as a shell starts a job in the background (`mnist-search ... &`): with SIGINT ignored, which the
+    # search must not pass on to the `dvc exp run` it stops with SIGINT.
+    in_background = ("sh", "-c", 'trap "" INT && exec "$@"', "sh", *SEARCH)
     result = run(
-        project, *SEARCH, str(space), "--study", "lr", "--trials", "3", "--seed", SEED, "--startup-trials", "1"
+        project, *in_background, str(space), "--study", "lr", "--trials", "3", "--seed", SEED, "--startup-trials", "1"
     )
     study = load(project, "lr")
     states = {trial.number: trial.state.name for trial in study.trials}

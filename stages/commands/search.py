@@ -392,12 +392,17 @@ def experiment(name: str, overrides: list[str], live: Path, pruning: Pruning | N
     shutil.rmtree(live, ignore_errors=True)  # the last trial's curves
     command = ["dvc", "exp", "run", "-n", name, *(arg for override in overrides for arg in ("-S", override))]
     # Its own process group: a Ctrl-C meant for the search reaches it only through `interrupt`.
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, process_group=0)
+    with interruptible_children():
+        process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, process_group=0
+        )
     tail = echoed(process)
     try:
         while process.poll() is None:
             if pruning is not None and pruning.report(read_curve(live, OBJECTIVE)):
                 interrupt(process)
+                if process.returncode == 0:  # it ended, recorded whole, before the interrupt reached it
+                    break
                 return len(read_curve(live, OBJECTIVE))
             time.sleep(POLL_S)
     finally:
@@ -406,6 +411,21 @@ def experiment(name: str, overrides: list[str], live: Path, pruning: Pruning | N
         errors = [line for line in tail if "error" in line.lower()] or list(tail) or ["no output"]
         raise TrialFailed(f"`dvc exp run -n {name}` exited {process.returncode}: {errors[-1].strip()}")
     return None
+
+
+@contextlib.contextmanager
+def interruptible_children():
+    """A search started in the background by a shell (`mnist-search ... &`, nohup) ignores SIGINT, and a program
+    it starts would too: its `dvc exp run` could not be stopped by `interrupt`. While this holds, SIGINT is
+    caught here (by a no-op: still ignored), and a program started then begins with SIGINT at its default."""
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        yield
+        return
+    signal.signal(signal.SIGINT, lambda signum, frame: None)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def echoed(process: subprocess.Popen) -> deque[str]:
