@@ -56,7 +56,7 @@ OBJECTIVE, ACCURACY = "val/loss", "val/accuracy"  # the study minimises the kept
 HEARTBEAT_S = 10  # a trial whose worker stopped beating for 2 of these is failed by the next worker
 POLL_S = 0.2  # how often the live curves are read while train runs
 FAILURES_IN_A_ROW = 3  # then the search stops: something other than the params is wrong
-STARTUP_TRIALS, REDUCTION_FACTOR = 2, 3  # the pruner's: benchmarks/search_speed.py and docs/search.md say why
+STARTUP_TRIALS, REDUCTION_FACTOR = 2, 3  # the pruner's; why: benchmarks/search_replay.py, docs/search.md
 
 
 class TrialFailed(Exception):
