@@ -427,7 +427,6 @@ def channels_last_pool(keyset: torch._C.DispatchKeySet, maps: torch.Tensor, *arg
 REROUTED: dict[str, Callable[..., object]] = {"max_pool2d_with_indices": channels_last_pool}
 
 
-
 @dataclass
 class _Pin:
     """The registrations in force, and the settings they replaced, for the outermost `pinned_cpu`."""
