@@ -103,10 +103,12 @@ POOLS = {
 }
 
 
+@pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("name", POOLS)
-def test_the_rerouted_max_pool_gives_torch_own_values_indices_and_gradients(name: str) -> None:
-    """Max-pooling NCHW maps goes through torch's channels-last kernel while the pin is on: ties (the first
-    largest wins), NaNs and -inf as torch's NCHW kernel has them, and the same memory format out."""
+def test_the_rerouted_max_pool_gives_torch_own_values_indices_and_gradients(name: str, threads: int) -> None:
+    """Max-pooling NCHW maps goes through torch's channels-last kernel, a share of the images on each products
+    thread, while the pin is on: ties (the first largest wins), NaNs and -inf as torch's NCHW kernel has
+    them, and the same memory format out."""
     generator = torch.Generator().manual_seed(2)
     maps = torch.randn(4, 3, 11, 13, generator=generator)
     maps[0, 0, :4, :4], maps[1, 1, 2, 3], maps[1, 1, 5, 5], maps[2, 2] = 0.5, float("nan"), float("nan"), -float("inf")
@@ -121,9 +123,13 @@ def test_the_rerouted_max_pool_gives_torch_own_values_indices_and_gradients(name
         return [out.detach(), indices, inputs.grad]
 
     expected = pooled()
-    with pinning.pinned_cpu():
-        assert "pinning.py" in torch._C._dispatch_dump("aten::max_pool2d_with_indices")
-        got = pooled()
+    products.set_threads(threads)
+    try:
+        with pinning.pinned_cpu():
+            assert all("pinning.py" in torch._C._dispatch_dump(f"aten::{op}") for op in pinning.REROUTED)
+            got = pooled()
+    finally:
+        products.set_threads(1)
     for want, have in zip(expected, got, strict=True):
         assert torch.equal(want.nan_to_num(), have.nan_to_num()) and want.stride() == have.stride()
         assert torch.equal(want.isnan(), have.isnan())

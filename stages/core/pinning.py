@@ -11,7 +11,8 @@ tensors never reach a CPU kernel. While it is on, also (docs/numerics.md has eac
   mean) by its thread count;
 - attention takes its decomposed path (products, softmax) and oneDNN is off (its recurrent kernels);
 - an op whose bytes still depend on the machine (embedding_bag) is named in one warning;
-- max-pooling takes torch's channels-last kernel (REROUTED): a max picks a value, so only the speed changes.
+- max-pooling takes torch's channels-last kernel, on the products' threads (REROUTED): a max picks a value
+  and an image's output is its own, so only the speed changes.
 """
 
 from __future__ import annotations
@@ -411,20 +412,56 @@ def warning_kernel(name: str, depends_on: str) -> Callable[..., object]:
 _warned: set[str] = set()  # once per op per process
 
 
+def image_shares(batch: int) -> list[slice]:
+    """The batch cut into one run of images per products thread, for ops whose every output element is one
+    image's alone (a max picks a value): their bytes cannot depend on the cut."""
+    return [
+        slice(images[0], images[-1] + 1) for images in np.array_split(range(batch), products.threads()) if len(images)
+    ]
+
+
 def channels_last_pool(keyset: torch._C.DispatchKeySet, maps: torch.Tensor, *args: object) -> object:
     """aten::max_pool2d_with_indices (nn.MaxPool1d/2d) on a batch of NCHW maps, by torch's own channels-last
-    kernel, 4-10x faster than its NCHW one: both take, for each window, the first largest value (a NaN
-    wins) in the same scan order, so the values and indices are the same; a max picks, never adds."""
+    kernel, 4-10x faster than its NCHW one, on the products' threads: both kernels take, for each window,
+    the first largest value (a NaN wins) in the same scan order, so the values and indices are the same."""
     op = torch.ops.aten.max_pool2d_with_indices.default
     below = keyset & AFTER_BACKEND_SELECT
     if maps.device.type != "cpu" or maps.dim() != 4 or not maps.is_contiguous():
         return op.redispatch(below, maps, *args)
-    out, indices = op.redispatch(below, maps.contiguous(memory_format=torch.channels_last), *args)
-    return out.contiguous(), indices.contiguous()
+    shapes = op(maps.to("meta"), *args)
+    out, indices = (torch.empty(like.shape, dtype=like.dtype) for like in shapes)
+
+    def pool(images: slice) -> None:
+        part = maps[images].contiguous(memory_format=torch.channels_last)
+        for result, into in zip(op.redispatch(below, part, *args), (out, indices), strict=True):
+            into[images] = result
+
+    products.run([functools.partial(pool, images) for images in image_shares(len(maps))])
+    return out, indices
+
+
+def unpool_by_image(keyset: torch._C.DispatchKeySet, grad: torch.Tensor, maps: torch.Tensor, *args: object) -> object:
+    """aten::max_pool2d_with_indices_backward: each image's gradient on the products' threads (each input
+    element takes the gradients of the windows that chose it, an image's own)."""
+    op = torch.ops.aten.max_pool2d_with_indices_backward.default
+    below = keyset & AFTER_BACKEND_SELECT
+    indices = args[-1]
+    if maps.device.type != "cpu" or maps.dim() != 4 or not (maps.is_contiguous() and grad.is_contiguous()):
+        return op.redispatch(below, grad, maps, *args)
+    result = torch.empty_like(maps)
+
+    def unpool(images: slice) -> None:
+        result[images] = op.redispatch(below, grad[images], maps[images], *args[:-1], indices[images])
+
+    products.run([functools.partial(unpool, images) for images in image_shares(len(maps))])
+    return result
 
 
 # Ops whose bytes do not depend on the machine, given a faster route of torch's own (BackendSelect kernels).
-REROUTED: dict[str, Callable[..., object]] = {"max_pool2d_with_indices": channels_last_pool}
+REROUTED: dict[str, Callable[..., object]] = {
+    "max_pool2d_with_indices": channels_last_pool,
+    "max_pool2d_with_indices_backward": unpool_by_image,
+}
 
 
 @dataclass
