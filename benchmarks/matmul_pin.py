@@ -6,7 +6,7 @@ Run by hand, never in CI (no data needed):
     python -m benchmarks.matmul_pin [--threads 2] [--images 55000] [--rounds 5]
 
 (1) Each matrix product of a training step of the three models at their recipes' batch sizes (the cnn's
-    convolutions as the products Conv3x3 computes: forward, input gradient, weight gradient; the linear
+    convolutions as the pinned convolution computes them: forward, input gradient, weight gradient; the linear
     layers' likewise), computed by stages/core/products.py on `--threads` threads with OpenBLAS pinned to
     Haswell, against torch's own matmul on as many threads with nothing pinned (MKL's own choice of
     kernels and thread split). Per product, the fastest of `--rounds` rounds, in wall-clock and in CPU

@@ -28,6 +28,7 @@ from stages.core.runtime import make_deterministic, set_cpu_threads
 from stages.core.splits import Meta, load_split, read_meta
 from stages.core.training import EpochLog, TrainConfig, TrainState, fit
 from stages.launcher import (
+    Nodes,
     device_here,
     fits_in_memory,
     guard_worker,
@@ -73,8 +74,7 @@ def main() -> None:
     device = device_here(params.device, params.precision, params.processes, world, nodes)
     threads = threads_here(params.threads, params.processes, world, nodes)
     if world is None and params.processes > 1:
-        fits_in_memory(params.processes // nodes.count, read_meta(args.data))  # one line, before any process starts
-        launch(params.processes, ["-m", "stages.train", *sys.argv[1:]], nodes, args.peer_timeout)
+        launch_processes(params, args, nodes)  # each runs this main() with its own world
         return
     world = world or SINGLE  # decided here, once: the loop below only wraps the model and shards each batch
     if world.size > 1:
@@ -107,6 +107,26 @@ def main() -> None:
         checkpoint.remove()
 
 
+def launch_processes(params: TrainParams, args: argparse.Namespace, nodes: Nodes) -> None:
+    """This machine's share of train.processes, once they fit in its memory (one line, before any starts).
+    Rank 0, started here on node 0, saves the state after each epoch: an interruption says where it left it."""
+    meta = read_meta(args.data)
+    fits_in_memory(params.processes // nodes.count, meta)
+    if args.resume and nodes.rank == 0:
+        checkpoint = checkpoint_of(args.resume, params, architecture_of(params, meta), args.data)
+        when_interrupted(checkpoint.next_run_as_saved)
+    launch(params.processes, ["-m", "stages.train", *sys.argv[1:]], nodes, args.peer_timeout)
+
+
+def checkpoint_of(folder: Path, params: TrainParams, architecture: Architecture, data: Path) -> Checkpoint:
+    """The state folder of a run of these exact inputs, under `folder`."""
+    # Where to stop does not change the epochs before it: a run cut short continues the whole run's state.
+    inputs = params.model_dump(mode="json", exclude={"stop_after"}) | {
+        "architecture": architecture.model_dump(mode="json")
+    }
+    return Checkpoint(folder / input_key(inputs, data))
+
+
 def write_model(folder: Path, out: Path, model: torch.nn.Module, card: Card) -> None:
     """The weights, the network as ONNX and the card into `folder` (`out` once switched in); a warning when ONNX
     cannot express the network."""
@@ -118,9 +138,14 @@ def write_model(folder: Path, out: Path, model: torch.nn.Module, card: Card) -> 
 def new_model(params: TrainParams, meta: Meta, device: torch.device) -> tuple[Architecture, torch.nn.Module]:
     """The network `train.model` names, with its seeded initial weights; a network of the user's that cannot
     be imported, built, or run on the images is refused in one line naming the key."""
+    architecture = architecture_of(params, meta)
+    return architecture, init_model(architecture, params.seed, device)
+
+
+def architecture_of(params: TrainParams, meta: Meta) -> Architecture:
+    """What `train.model` names; a network of the user's that cannot be imported is refused in one line."""
     with explained("train.model"):
-        architecture = architecture_for(params.model, params.hidden, meta, params.channels, params.model_args)
-        return architecture, init_model(architecture, params.seed, device)
+        return architecture_for(params.model, params.hidden, meta, params.channels, params.model_args)
 
 
 @contextlib.contextmanager
@@ -183,11 +208,7 @@ def open_checkpoint(
     state, and sends it to the other processes, which may run on machines that have no such folder."""
     if folder is None or world.rank > 0:
         return None, None
-    # Where to stop does not change the epochs before it: a run cut short continues the whole run's state.
-    inputs = params.model_dump(mode="json", exclude={"stop_after"}) | {
-        "architecture": architecture.model_dump(mode="json")
-    }
-    checkpoint = Checkpoint(folder / input_key(inputs, data))
+    checkpoint = checkpoint_of(folder, params, architecture, data)
     when_interrupted(checkpoint.next_run)
     resume = checkpoint.load()
     if resume and resume.epoch > (params.stop_after or params.epochs):

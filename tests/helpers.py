@@ -298,16 +298,19 @@ UNPINNED_VARIABLES = (
 )
 
 
-def run_stage(project: Path, module: str, *args: str, variant: dict[str, str], pinned: bool = True) -> None:
-    """Run a stage CLI with `variant` as its only numerics variables; unpinned, the pin does not apply."""
+def variant_env(variant: dict[str, str]) -> dict[str, str]:
+    """project_env() with `variant` as its only numerics variables."""
     env = project_env()
     for name in (*numerics.PINNED, *UNPINNED_VARIABLES):
         env.pop(name, None)
-    env.update(variant)
+    return env | variant
+
+
+def run_stage(project: Path, module: str, *args: str, variant: dict[str, str], pinned: bool = True) -> None:
+    """Run a stage CLI with `variant` as its only numerics variables; unpinned, the pin does not apply."""
     launcher = ["-m"] if pinned else UNPINNED
-    result = subprocess.run(
-        [sys.executable, *launcher, module, *args], cwd=project, env=env, capture_output=True, text=True
-    )
+    command = [sys.executable, *launcher, module, *args]
+    result = subprocess.run(command, cwd=project, env=variant_env(variant), capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
 
 
@@ -344,14 +347,15 @@ class StageForks:
     """`python -m stages.X ARGS` run by forks of one warm Python (tests/stage_forks.py) started in `cwd`: the
     same module as __main__, the same output and exit status, without an interpreter's start and the
     imports of torch each time. For tests that run the stages' command lines many times in one folder;
-    the environment a stage reads when it starts (the numerics' variables) is the server's, project_env()."""
+    the environment a stage reads when it starts (the numerics' variables) is the server's: `env`, by
+    default project_env()."""
 
-    def __init__(self, cwd: Path) -> None:
+    def __init__(self, cwd: Path, env: dict[str, str] | None = None) -> None:
         self.folder = Path(tempfile.mkdtemp(prefix="stage-forks-"))
         self.server = subprocess.Popen(
             [sys.executable, str(Path(__file__).with_name("stage_forks.py"))],
             cwd=cwd,
-            env=project_env(),
+            env=env or project_env(),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -380,3 +384,9 @@ class StageForks:
         self.server.stdin.close()
         self.server.wait(timeout=60)
         shutil.rmtree(self.folder, ignore_errors=True)
+
+    def __enter__(self) -> StageForks:
+        return self
+
+    def __exit__(self, *exception: object) -> None:
+        self.close()

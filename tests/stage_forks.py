@@ -1,10 +1,11 @@
 """A warm Python for many runs of the stages' command lines: helpers.StageForks starts it.
 
-It imports the stages (torch, numpy, pydantic...) once; then, for each request read from stdin (one JSON
-line: the module, its arguments, the folder, extra environment), it forks, and the child runs the module as
-`python -m MODULE ARGS` would (runpy, as __main__, sys.argv set), its stdout and stderr into the files the
-request names. The exit status goes back on stdout, one line per request: a test that runs a stage twenty
-times pays the interpreter and the imports once instead of twenty times.
+It imports the stages (torch, numpy, pydantic...), and what train loads as it runs, once; then, for each
+request read from stdin (one JSON line: the module, its arguments, the folder, extra environment), it forks,
+and the child runs the module as `python -m MODULE ARGS` would (runpy, as __main__, sys.argv set), its
+stdout and stderr into the files the request names. The exit status goes back on stdout, one line per
+request: a test that runs a stage twenty times pays the interpreter and the imports once instead of twenty
+times.
 
 `kill_at` N: the child kills itself (SIGKILL) right after its Nth file operation: each file ends in
 os.replace (stages.core.artifacts.atomic_file) or shutil.copyfile (copy_folder); a folder is removed with
@@ -23,6 +24,9 @@ import sys
 import traceback
 
 STAGES = ("stages.download", "stages.preprocess", "stages.train", "stages.evaluate")
+# What train imports on its way, after its own imports: torch.optim imports torch._dynamo as it builds the
+# optimizer, the ONNX exporter onnx; each as long to import as torch itself or more.
+TRAIN_LOADS = ("torch._dynamo", "onnx")
 
 
 def killed_after(count: int) -> None:
@@ -67,7 +71,7 @@ def child(request: dict) -> int:
 
 def main() -> None:
     sys.path[0] = os.getcwd()  # the stages of the folder it runs in, as `python -m` imports them
-    for name in STAGES:
+    for name in (*STAGES, *TRAIN_LOADS):
         importlib.import_module(name)
     for line in sys.stdin:
         request = json.loads(line)

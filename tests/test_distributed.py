@@ -347,6 +347,30 @@ def test_a_killed_process_ends_the_stage_in_one_line_leaving_nothing_behind(proj
 
 
 @pytest.mark.e2e
+def test_ctrl_c_stops_two_processes_and_says_where_the_next_run_continues(project: Path, tmp_path: Path) -> None:
+    """Ctrl-C (SIGINT to the terminal's process group): the launcher stops the processes, the previous models
+    come back, and its one line says after which epoch the next run continues (rank 0 saved that state)."""
+    before = model_files(project)
+    set_params(project, **TWO, **{"train.epochs": 300})
+    process = start_repro(project, tmp_path / "stderr")
+    try:
+        started = read_until(process, "train: epoch 2/300")
+        os.killpg(process.pid, signal.SIGINT)
+        process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    stderr = (tmp_path / "stderr").read_text()
+    assert process.returncode != 0 and "Traceback" not in stderr, stderr
+    (line,) = [line for line in stderr.splitlines() if "interrupted" in line]
+    said = "train: interrupted; the previous models restored from DVC's cache; the next run continues after epoch "
+    assert line.startswith(said) and 2 <= int(line.removeprefix(said)) < 300, stderr
+    _, alive = psutil.wait_procs(started, timeout=30)
+    assert alive == []
+    assert model_files(project) == before
+
+
+@pytest.mark.e2e
 def test_a_killed_repro_resumes_two_processes_to_the_bytes_of_an_uninterrupted_run(
     project: Path, tmp_path: Path, two_processes: TwoProcesses
 ) -> None:

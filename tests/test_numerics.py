@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import dvc, make_tiny_project, project_env, run_stage, set_params
+from helpers import StageForks, dvc, make_tiny_project, project_env, run_stage, set_params, variant_env
 
 from stages import numerics
 
@@ -57,21 +57,31 @@ if "avx512f" in CPU_FLAGS:
     VARIANTS["MKL AVX-512"] = {"MKL_CBWR": "AVX512"}
 
 
-def train(project: Path, name: str, variant: dict[str, str], pinned: bool = True) -> dict[str, bytes]:
-    """Train in its own process under `variant`; the bytes of the model folder it wrote."""
+def train(stages: StageForks, project: Path, name: str) -> dict[str, bytes]:
+    """`python -m stages.train` through `stages`; the bytes of the model folder it wrote."""
     models = f"models-{name}"
-    run_stage(project, "stages.train", "--data", "data/processed", "--out", models, variant=variant, pinned=pinned)
+    stages.run(project, "python", "-m", "stages.train", "--data", "data/processed", "--out", models)
     return files_in(project / models)
 
 
-def train_and_evaluate(project: Path, name: str, variant: dict[str, str]) -> dict[str, bytes]:
-    """Train and evaluate in their own processes under `variant`; the bytes of everything they wrote."""
+def train_and_evaluate(stages: StageForks, project: Path, name: str, variant: dict[str, str]) -> dict[str, bytes]:
+    """Train, then evaluate, through `stages` started under `variant`; the bytes of everything they wrote. Each
+    stage reports the variant's pinned variables as overridden: the variant reached it."""
     models, report = f"models-{name}", f"metrics-{name}"
-    written = train(project, name, variant)
-    run_stage(
-        project, "stages.evaluate", "--data", "data/processed", "--model", models, "--out", report, variant=variant
+    written = train(stages, project, name)
+    evaluated = stages.run(
+        project, "python", "-m", "stages.evaluate", "--data", "data/processed", "--model", models, "--out", report
     )
+    for variable in variant.keys() & numerics.PINNED.keys():
+        assert f"{variable}={variant[variable]} from the environment ignored" in evaluated.stderr, evaluated.stderr
     return written | files_in(project / report)
+
+
+def under(variant: dict[str, str], project: Path) -> StageForks:
+    """The stages in processes started with `variant` as their only numerics variables, as on another CPU: each
+    run a fork of one Python that imported them under it (the libraries read the variables as they load), so
+    that a variant's train and evaluate pay one interpreter's start and one import of torch, not two."""
+    return StageForks(project, variant_env(variant))
 
 
 def files_in(folder: Path) -> dict[str, bytes]:
@@ -111,6 +121,13 @@ def tiny_preprocessed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return project
 
 
+@pytest.fixture(scope="module")
+def as_here(tiny_preprocessed: Path) -> Iterator[StageForks]:
+    """The stages with no numerics variable set, for the module's reference runs."""
+    with under({}, tiny_preprocessed) as stages:
+        yield stages
+
+
 @pytest.fixture
 def preprocessed(tiny_preprocessed: Path) -> Iterator[Path]:
     """The module's project with an mlp in params.yaml, put back after the test (which may change it)."""
@@ -124,8 +141,8 @@ def preprocessed(tiny_preprocessed: Path) -> Iterator[Path]:
     params_file.write_text(committed)
 
 
-def test_every_cpu_variant_writes_the_same_bytes(preprocessed: Path) -> None:
-    reference = train_and_evaluate(preprocessed, "reference", {})  # no variable set
+def test_every_cpu_variant_writes_the_same_bytes(preprocessed: Path, as_here: StageForks) -> None:
+    reference = train_and_evaluate(as_here, preprocessed, "reference", {})  # no variable set
     card = json.loads(reference["model.json"])
     assert card["numerics"] == {
         "cpu_capability": "AVX2",
@@ -133,7 +150,8 @@ def test_every_cpu_variant_writes_the_same_bytes(preprocessed: Path) -> None:
         "openblas_coretype": "Haswell",
     }
     for name, variant in VARIANTS.items():
-        written = train_and_evaluate(preprocessed, name.replace(" ", "-"), variant)
+        with under(variant, preprocessed) as stages:
+            written = train_and_evaluate(stages, preprocessed, name.replace(" ", "-"), variant)
         differing = sorted(path for path in reference if written.get(path) != reference[path])
         assert not differing, f"under {name} ({variant}) these differ from the reference: {differing}"
 
@@ -146,16 +164,17 @@ def test_every_cpu_variant_writes_the_same_bytes(preprocessed: Path) -> None:
     ],
 )
 def test_convolutions_write_the_same_bytes_under_every_cpu_variant(
-    preprocessed: Path, model: str, train_params: dict
+    preprocessed: Path, as_here: StageForks, model: str, train_params: dict
 ) -> None:
     """A cnn adds batch norm, max-pooling and convolutions; a network of the user's strided, grouped and
     dilated convolutions and dropout: the same check."""
     params = yaml.safe_load((preprocessed / "params.yaml").read_text())
     params["train"].update(train_params)
     (preprocessed / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    reference = train_and_evaluate(preprocessed, f"{model}-reference", {})
+    reference = train_and_evaluate(as_here, preprocessed, f"{model}-reference", {})
     for name in ("oneDNN SSE4.1", "ATen default", "OpenBLAS SkylakeX", "MKL AUTO", "all at once"):
-        written = train_and_evaluate(preprocessed, f"{model}-" + name.replace(" ", "-"), VARIANTS[name])
+        with under(VARIANTS[name], preprocessed) as stages:
+            written = train_and_evaluate(stages, preprocessed, f"{model}-" + name.replace(" ", "-"), VARIANTS[name])
         differing = sorted(path for path in reference if written.get(path) != reference[path])
         assert not differing, f"under {name} ({VARIANTS[name]}) these differ from the reference: {differing}"
 
@@ -165,7 +184,7 @@ def test_the_variants_do_change_the_bytes_without_the_pin(preprocessed: Path, mo
     """Without the pin, the same variants give other weights: the tests above could fail, and would."""
     set_params(preprocessed, **{"train.model": model})
     weights = {
-        name: train(preprocessed, f"unpinned-{index}", variant, pinned=False)["model.safetensors"]
+        name: unpinned_weights(preprocessed, f"unpinned-{index}", variant)
         for index, (name, variant) in enumerate(
             [
                 ("no variables", {}),
@@ -175,6 +194,13 @@ def test_the_variants_do_change_the_bytes_without_the_pin(preprocessed: Path, mo
         )
     }
     assert len(set(weights.values())) == len(weights), "these variants gave the same bytes even unpinned"
+
+
+def unpinned_weights(project: Path, name: str, variant: dict[str, str]) -> bytes:
+    """Train in a process whose torch loaded before the pin could apply, under `variant`; the weights' bytes."""
+    models = f"models-{name}"
+    run_stage(project, "stages.train", "--data", "data/processed", "--out", models, variant=variant, pinned=False)
+    return (project / models / "model.safetensors").read_bytes()
 
 
 # Large enough that every product is cut into several tasks (stages/core/products.py), and that a
@@ -189,14 +215,12 @@ MODELS = {
 
 
 @pytest.mark.parametrize("model", MODELS)
-def test_the_thread_count_does_not_change_the_bytes(preprocessed: Path, model: str) -> None:
+def test_the_thread_count_does_not_change_the_bytes(preprocessed: Path, as_here: StageForks, model: str) -> None:
     set_params(preprocessed, **{f"train.{key}": value for key, value in MODELS[model].items()})
     written = {}
     for threads in THREAD_COUNTS:
         set_params(preprocessed, **{"train.threads": threads})
-        models = f"models-{model}-{threads}-threads"
-        run_stage(preprocessed, "stages.train", "--data", "data/processed", "--out", models, variant={})
-        written[threads] = files_in(preprocessed / models)
+        written[threads] = train(as_here, preprocessed, f"{model}-{threads}-threads")
     for threads in THREAD_COUNTS[1:]:
         differing = sorted(path for path in written[1] if written[threads].get(path) != written[1][path])
         assert not differing, f"{model} at {threads} threads: these differ from 1 thread's: {differing}"

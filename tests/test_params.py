@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
-from helpers import dvc, make_tiny_project, run, set_params
+from helpers import StageForks, dvc, make_tiny_project, set_params
 
 from stages.cli import StageError
 from stages.download import DataParams
@@ -149,8 +150,16 @@ def reproduced(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return project
 
 
+@pytest.fixture(scope="module")
+def forks(reproduced: Path) -> Iterator[StageForks]:
+    """The stages' command lines in `reproduced`, each a fork of one warm Python: a process start each, not an
+    interpreter's and torch's import each."""
+    with StageForks(reproduced) as forks:
+        yield forks
+
+
 @pytest.mark.e2e
-def test_bad_params_through_the_stage_clis(reproduced: Path, tmp_path: Path) -> None:
+def test_bad_params_through_the_stage_clis(reproduced: Path, forks: StageForks, tmp_path: Path) -> None:
     import torch
 
     if torch.cuda.is_available():
@@ -163,7 +172,7 @@ def test_bad_params_through_the_stage_clis(reproduced: Path, tmp_path: Path) -> 
         output, aside = reproduced / OUTPUTS[stage], tmp_path / OUTPUTS[stage].replace("/", "-")
         output.rename(aside)  # so that whatever the stage writes there shows
         set_params(reproduced, **change)
-        result = run(reproduced, *commands[stage].split(), check=False)
+        result = forks.run(reproduced, *commands[stage].split(), check=False)
         assert result.returncode == 1, (stage, change, result.stderr)
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(message), (stage, change, result.stderr)
@@ -173,7 +182,7 @@ def test_bad_params_through_the_stage_clis(reproduced: Path, tmp_path: Path) -> 
 
 
 @pytest.mark.e2e
-def test_each_stage_reads_only_the_params_dvc_yaml_declares(reproduced: Path) -> None:
+def test_each_stage_reads_only_the_params_dvc_yaml_declares(reproduced: Path, forks: StageForks) -> None:
     """Run each stage with a params.yaml holding only what dvc.yaml declares for it: an undeclared read fails."""
     lock = yaml.safe_load((reproduced / "dvc.lock").read_text())["stages"]
     stages = yaml.safe_load((reproduced / "dvc.yaml").read_text())["stages"]
@@ -187,6 +196,6 @@ def test_each_stage_reads_only_the_params_dvc_yaml_declares(reproduced: Path) ->
             declared.setdefault(section, {})
             declared[section].update({key: full[section][key]} if key else full[section])
         (reproduced / "params.yaml").write_text(yaml.safe_dump(declared))
-        result = run(reproduced, *lock[name]["cmd"].split(), check=False)
+        result = forks.run(reproduced, *lock[name]["cmd"].split(), check=False)
         assert result.returncode == 0, f"stage {name} read params dvc.yaml does not declare:\n{result.stderr}"
     (reproduced / "params.yaml").write_text(original)

@@ -96,6 +96,45 @@ def test_a_pinned_product_computes_what_torch_does(name: str) -> None:
         torch.testing.assert_close(have, want, rtol=1e-10, atol=1e-10)
 
 
+POOLS = {
+    "2x2": {"kernel_size": 2},
+    "3x3 stride 2, padded, ceil": {"kernel_size": 3, "stride": 2, "padding": 1, "ceil_mode": True},
+    "dilated, uneven": {"kernel_size": (2, 3), "stride": (1, 2), "padding": (1, 1), "dilation": (1, 2)},
+}
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("name", POOLS)
+def test_the_rerouted_max_pool_gives_torch_own_values_indices_and_gradients(name: str, threads: int) -> None:
+    """Max-pooling NCHW maps goes through torch's channels-last kernel, a share of the images on each products
+    thread, while the pin is on: ties (the first largest wins), NaNs and -inf as torch's NCHW kernel has
+    them, and the same memory format out."""
+    generator = torch.Generator().manual_seed(2)
+    maps = torch.randn(4, 3, 11, 13, generator=generator)
+    maps[0, 0, :4, :4], maps[1, 1, 2, 3], maps[1, 1, 5, 5], maps[2, 2] = 0.5, float("nan"), float("nan"), -float("inf")
+    grad = None
+
+    def pooled() -> list[torch.Tensor]:
+        nonlocal grad
+        inputs = maps.clone().requires_grad_()
+        out, indices = F.max_pool2d(inputs, return_indices=True, **POOLS[name])
+        grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)) if grad is None else grad
+        out.backward(grad)
+        return [out.detach(), indices, inputs.grad]
+
+    expected = pooled()
+    products.set_threads(threads)
+    try:
+        with pinning.pinned_cpu():
+            assert all("pinning.py" in torch._C._dispatch_dump(f"aten::{op}") for op in pinning.REROUTED)
+            got = pooled()
+    finally:
+        products.set_threads(1)
+    for want, have in zip(expected, got, strict=True):
+        assert torch.equal(want.nan_to_num(), have.nan_to_num()) and want.stride() == have.stride()
+        assert torch.equal(want.isnan(), have.isnan())
+
+
 def test_the_products_are_the_pinned_ones_and_torch_own_outside() -> None:
     """Inside the context a product's bytes are products.py's; outside, torch's own kernels are back."""
     generator = torch.Generator().manual_seed(1)
@@ -117,7 +156,7 @@ def test_importing_the_package_changes_no_kernel() -> None:
             importlib.import_module(module.name)
     registered_here = [
         name
-        for name in [*pinning.KERNELS, *pinning.UNPINNED]
+        for name in [*pinning.KERNELS, *pinning.UNPINNED, *pinning.REROUTED]
         if "pinning.py" in torch._C._dispatch_dump(f"aten::{name}")
     ]
     assert registered_here == []

@@ -53,6 +53,12 @@ class Checkpoint:
         """Where the next run of the same inputs starts, in words."""
         return f"the next run continues after epoch {self.epoch}" if self.epoch else "the next run starts at epoch 1"
 
+    def next_run_as_saved(self) -> str:
+        """`next_run`, from the state as the training processes saved it (several processes: rank 0 saves it,
+        and their launcher, which the interruption reaches first, says it)."""
+        self.load()
+        return self.next_run()
+
     def load(self) -> TrainState | None:
         """The state an earlier, interrupted run of the same inputs saved; None if there is none."""
         path = self.folder / STATE
