@@ -6,9 +6,9 @@ Run by hand, never in CI, from the project root once `dvc repro preprocess` has 
 
 For each seed, Optuna's TPE draws search_speed's space (the search's own draws) 16 times in an in-memory study
 under each rule, and each trial is told its validation losses epoch by epoch, as the search tells a trial, from
-the curve the real train stage gave that setting (trained once per setting, kept in --curves). It prints, per
-rule, the epochs spent over the unpruned study's, and the best validation accuracy and loss of its whole
-trials against the unpruned study's. Minutes per new seed (16 settings and more, 8 epochs each); seconds when
+the curve the real train stage gave that setting (trained once per setting, kept in --curves). It prints and
+records, per rule and seed, the epochs spent over the unpruned study's, and the best validation accuracy of its
+whole trials against the unpruned study's. Minutes per new seed (16 settings and more, 8 epochs each); seconds when
 the curves are kept. The keys are drawn in SPACE's order, which is not search_speed's (its space file is
 sorted), so its study is one more draw.
 """
@@ -26,6 +26,7 @@ from pathlib import Path
 import optuna
 import yaml
 
+from benchmarks.results import figure, recorded
 from benchmarks.search_speed import SPACE
 from stages.commands.search import halving_pruner
 from stages.core.curves import read_curve
@@ -71,11 +72,11 @@ class Curves:
 
 
 def replay(curves: Curves, seed: int, pruner: optuna.pruners.BasePruner | None, trials: int = 16) -> dict:
-    """One study: its epochs, and the best validation accuracy and loss among its whole trials."""
+    """One study: its epochs, and the best validation accuracy among its whole trials."""
     dimensions = read_space(SPACE)
     sampler = optuna.samplers.TPESampler(seed=seed)
     study = optuna.create_study(sampler=sampler, pruner=pruner or optuna.pruners.NopPruner())
-    epochs, accuracy, loss = 0, 0.0, float("inf")
+    epochs, accuracy = 0, 0.0
     for _ in range(trials):
         trial = study.ask()
         curve = curves.of({dimension.key: dimension.draw(trial) for dimension in dimensions})
@@ -90,9 +91,9 @@ def replay(curves: Curves, seed: int, pruner: optuna.pruners.BasePruner | None, 
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
             continue
         kept = curve["loss"].index(min(curve["loss"]))  # the epoch train keeps
-        accuracy, loss = max(accuracy, curve["accuracy"][kept]), min(loss, curve["loss"][kept])
+        accuracy = max(accuracy, curve["accuracy"][kept])
         study.tell(trial, curve["loss"][kept])
-    return {"epochs": epochs, "accuracy": accuracy, "loss": loss}
+    return {"epochs": epochs, "accuracy": accuracy}
 
 
 def main() -> None:
@@ -103,14 +104,15 @@ def main() -> None:
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     curves = Curves(args.curves, args.data)
-    for seed in args.seeds:
-        whole = replay(curves, seed, None)
-        print(f"seed {seed}: unpruned {whole['epochs']} epochs, best val accuracy {whole['accuracy']:.4f}")
-        for rule, pruner in RULES.items():
-            pruned = replay(curves, seed, pruner())
-            accuracy, loss = pruned["accuracy"] - whole["accuracy"], pruned["loss"] - whole["loss"]
-            shares = f"{pruned['epochs'] / whole['epochs']:.2f}x ({pruned['epochs']} epochs)"
-            print(f"  {rule:<48} {shares}, best val accuracy {accuracy:+.4f}, loss {loss:+.4f}")
+    unpruned = {seed: replay(curves, seed, None) for seed in args.seeds}
+    with recorded("search_replay") as figures:
+        for number, (rule, pruner) in enumerate(RULES.items()):
+            studies = {seed: replay(curves, seed, pruner()) for seed in args.seeds}
+            shares = [studies[seed]["epochs"] / unpruned[seed]["epochs"] for seed in args.seeds]
+            lost = [studies[seed]["accuracy"] - unpruned[seed]["accuracy"] for seed in args.seeds]
+            shown = ", ".join(f"{share:.2f}x" for share in shares)
+            detail = "best val accuracy " + ", ".join(f"{difference:+.4f}" for difference in lost)
+            figures[f"rule_{number}"] = figure(rule, round(max(shares), 2), shown, detail=detail)
 
 
 if __name__ == "__main__":
