@@ -139,7 +139,8 @@ def new_model(params: TrainParams, meta: Meta, device: torch.device) -> tuple[Ar
     """The network `train.model` names, with its seeded initial weights; a network of the user's that cannot
     be imported, built, or run on the images is refused in one line naming the key."""
     architecture = architecture_of(params, meta)
-    return architecture, init_model(architecture, params.seed, device)
+    with explained("train.model"):
+        return architecture, init_model(architecture, params.seed, device)
 
 
 def architecture_of(params: TrainParams, meta: Meta) -> Architecture:
