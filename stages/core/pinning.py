@@ -428,8 +428,10 @@ def channels_last_pool(keyset: torch._C.DispatchKeySet, maps: torch.Tensor, *arg
     below = keyset & AFTER_BACKEND_SELECT
     if maps.device.type != "cpu" or maps.dim() != 4 or not maps.is_contiguous():
         return op.redispatch(below, maps, *args)
-    shapes = op(maps.to("meta"), *args)
-    out, indices = (torch.empty(like.shape, dtype=like.dtype) for like in shapes)
+    # The shapes from torch's kernel on no image: checked and computed as for the batch, without meta tensors
+    # (their checks import torch.fx and sympy, seconds of a stage's start and memory it may not have).
+    empty = op.redispatch(below, maps[:0], *args)
+    out, indices = (torch.empty((len(maps), *like.shape[1:]), dtype=like.dtype) for like in empty)
 
     def pool(images: slice) -> None:
         part = maps[images].contiguous(memory_format=torch.channels_last)
