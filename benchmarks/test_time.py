@@ -2,7 +2,7 @@
 
 Run by hand, on an otherwise idle machine, never in CI (it runs the whole suite, 15 minutes or so):
 
-    python -m benchmarks.test_time [--keep]
+    python -m benchmarks.test_time [--keep] [--into FOLDER]
 
 Clones this repository's HEAD into a temporary folder (committed files only, as CI sees them), and runs
 `make test` there: the venv and the test extras are installed first, as in a fresh clone on a fresh
@@ -47,8 +47,12 @@ def pytest_summary(output: str) -> tuple[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keep", action="store_true", help="keep the clone (its path is printed)")
+    parser.add_argument(
+        "--into", type=Path, help="clone into this new folder, kept (a stranger's path: a space, a non-ASCII letter)"
+    )
     args = parser.parse_args()
-    folder = Path(tempfile.mkdtemp(prefix="test-time-"))
+    folder = args.into or Path(tempfile.mkdtemp(prefix="test-time-"))
+    folder.mkdir(parents=True)
     clone = folder / "clone"
     subprocess.run(["git", "clone", "--quiet", str(PROJECT), str(clone)], check=True)
     print(f"make test in {clone}", flush=True)
@@ -65,7 +69,7 @@ def main() -> None:
         figures["pytest"] = figure(PYTEST_LABEL, round(pytest_s / 60, 2), clock(pytest_s))
         counts = [int(number) for number in re.findall(r"(\d+) (?:passed|skipped)", outcome)]
         figures["tests"] = figure(TESTS_LABEL, sum(counts), outcome)
-    if not args.keep:
+    if not (args.keep or args.into):
         shutil.rmtree(folder)
 
 
