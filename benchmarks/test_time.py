@@ -51,8 +51,9 @@ def main() -> None:
         "--into", type=Path, help="clone into this new folder, kept (a stranger's path: a space, a non-ASCII letter)"
     )
     args = parser.parse_args()
+    if args.into:
+        args.into.mkdir(parents=True)
     folder = args.into or Path(tempfile.mkdtemp(prefix="test-time-"))
-    folder.mkdir(parents=True)
     clone = folder / "clone"
     subprocess.run(["git", "clone", "--quiet", str(PROJECT), str(clone)], check=True)
     print(f"make test in {clone}", flush=True)
