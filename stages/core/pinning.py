@@ -69,12 +69,14 @@ def scaled_sum(base: torch.Tensor, result: torch.Tensor, beta: complex = 1, alph
 
 
 def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """aten::mm, and aten::bmm: `product` takes the batch dimension as it comes."""
     return product(a, b)
 
 
 def addmm(
     base: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, beta: complex = 1, alpha: complex = 1
 ) -> torch.Tensor:
+    """aten::addmm, and aten::baddbmm (batched, the same formula)."""
     return scaled_sum(base, product(a, b), beta, alpha)
 
 
@@ -89,16 +91,6 @@ def addmm_activation(
 ) -> torch.Tensor:
     summed = addmm(base, a, b, beta=beta, alpha=alpha)
     return F.gelu(summed) if use_gelu else summed.relu_()
-
-
-def bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return product(a, b)
-
-
-def baddbmm(
-    base: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, beta: complex = 1, alpha: complex = 1
-) -> torch.Tensor:
-    return scaled_sum(base, product(a, b), beta, alpha)
 
 
 def addbmm(
@@ -374,11 +366,11 @@ KERNELS: dict[str, Callable[..., object]] = {
     "addmm.out": writing_into(addmm),
     "addmm_": in_place(addmm),
     "_addmm_activation": addmm_activation,
-    "bmm": bmm,
-    "bmm.out": writing_into(bmm),
-    "baddbmm": baddbmm,
-    "baddbmm.out": writing_into(baddbmm),
-    "baddbmm_": in_place(baddbmm),
+    "bmm": mm,
+    "bmm.out": writing_into(mm),
+    "baddbmm": addmm,
+    "baddbmm.out": writing_into(addmm),
+    "baddbmm_": in_place(addmm),
     "addbmm": addbmm,
     "addbmm.out": writing_into(addbmm),
     "addbmm_": in_place(addbmm),
