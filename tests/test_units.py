@@ -6,8 +6,10 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 import torch.nn.functional as F
@@ -330,6 +332,21 @@ def test_a_switch_killed_between_the_fallbacks_renames_leaves_one_set_and_no_lef
     assert seen == ("old" if killed_after == "first rename" else "new")
     assert (path / "test.json").read_text() == "next"
     assert sorted(entry.name for entry in tmp_path.iterdir()) == ["metrics"]
+
+
+def test_a_killed_runs_unreaped_process_does_not_keep_its_temporary(tmp_path: Path) -> None:
+    """A killed stage whose parent died with it is a zombie until init reaps it (in a container without an
+    init, never): its pid answers a signal, but it writes nothing more, and the next run removes its file."""
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    while psutil.Process(ended.pid).status() != psutil.STATUS_ZOMBIE:
+        time.sleep(0.01)
+    stale = tmp_path / f"{artifacts.TEMP_PREFIX}metrics.json.{ended.pid}.abcd1234"
+    live = tmp_path / f"{artifacts.TEMP_PREFIX}metrics.json.{os.getpid()}.abcd1234"
+    stale.write_text("killed")
+    live.write_text("running")
+    artifacts.remove_stale_temporaries(tmp_path, "metrics.json")
+    ended.wait()
+    assert sorted(path.name for path in tmp_path.iterdir()) == [live.name]
 
 
 def test_the_default_validation_split_of_a_registered_dataset_is_5000_images() -> None:

@@ -235,7 +235,17 @@ def _is_running(pid: int) -> bool:
         return False
     except PermissionError:  # another user's live process
         return True
-    return True
+    return not _is_zombie(pid)
+
+
+def _is_zombie(pid: int) -> bool:
+    """Whether `pid` has ended but not been reaped: a killed run whose parent died with it waits for init, which
+    may take its time (or, as PID 1 in a container without an init, never come)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # no /proc (macOS), or it has just been reaped
+        return False
+    return stat.rpartition(")")[2].split()[0] == "Z"  # the state follows the command name, which may hold spaces
 
 
 def write_json(path: Path, document: Any) -> None:
