@@ -76,11 +76,11 @@ def origin(remote: LocalRemote | S3Remote, tmp_path_factory: pytest.TempPathFact
 
 def marker_for(argv: list[str]) -> str | None:
     """The marker a test needs to start `argv`: e2e for `dvc`, `torchrun`, `python -m stages...` and the stages'
-    fork server, server for `weed` and PostgreSQL's `initdb` and `postgres`."""
+    fork servers, server for `weed` and PostgreSQL's `initdb` and `postgres`."""
     program = Path(argv[0]).name if argv else ""
     if program in ("dvc", "torchrun") or (argv[1:2] == ["-m"] and argv[2:3] and argv[2].partition(".")[0] == "stages"):
         return "e2e"
-    if argv[1:2] and Path(argv[1]).name == "stage_forks.py":  # it runs the stages (helpers.StageForks)
+    if argv[1:2] and Path(argv[1]).name in ("stage_forks.py", "stage_server.py"):  # they run the stages (helpers)
         return "e2e"
     if program == "weed" or any(Path(arg).name in ("initdb", "postgres") for arg in argv):  # also under setpriv
         return "server"

@@ -4,7 +4,9 @@ conftest.py."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
 import gzip
 import hashlib
 import json
@@ -28,6 +30,7 @@ from stages import numerics
 from stages.core.training import FitConfig
 
 PROJECT = Path(__file__).resolve().parent.parent
+TESTS = PROJECT / "tests"
 PYTHON_BIN = str(Path(sys.executable).parent)  # the venv's bin: `python` and `dvc` in dvc.yaml resolve here
 TINY = "tiny"  # the dataset name the tests register in a project copy
 DEBIAN_MIRROR = Path("/usr/share/datasets/fashion-mnist")  # the real data, offline: Debian's dataset-fashion-mnist
@@ -97,9 +100,13 @@ def set_params(project: Path, **changes: object) -> None:
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def project_env() -> dict[str, str]:
+def project_env(stage_server: bool = False) -> dict[str, str]:
+    """The environment the tests run commands in: the venv first on PATH; with `stage_server`, before it the
+    `python` that starts the stages DVC runs as forks of a warm interpreter (stage_server_bin)."""
     env = dict(os.environ)
     env["PATH"] = PYTHON_BIN + os.pathsep + env.get("PATH", "")
+    if stage_server:
+        env["PATH"] = stage_server_bin() + os.pathsep + env["PATH"]
     env["DVC_NO_ANALYTICS"] = "1"
     env.setdefault("GIT_AUTHOR_NAME", "test")
     env.setdefault("GIT_AUTHOR_EMAIL", "test@example.com")
@@ -108,9 +115,44 @@ def project_env() -> dict[str, str]:
     return env
 
 
+@functools.cache
+def stage_server_bin() -> str:
+    """A folder holding a `python` and a `dvc` that hand `python -m stages.X ARGS` and `dvc ARGS` to
+    tests/stage_server.py, started once per test process, and run anything else as the venv's own: each
+    starts in milliseconds instead of seconds (torch's and DVC's imports). What may compute otherwise in a
+    fork runs the real program (see stage_server.py); so do the processes a test signals or kills, started
+    with project_env()."""
+    folder = Path(tempfile.mkdtemp(prefix="stage-server-"))
+    address = folder / "socket"
+    server = subprocess.Popen(
+        [sys.executable, str(TESTS / "stage_server.py"), str(address)],
+        cwd=PROJECT,
+        env=project_env(),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert server.stdout.readline() == "ready\n", f"tests/stage_server.py did not start (exit {server.poll()})"
+    atexit.register(lambda: (server.kill(), server.wait(), shutil.rmtree(folder, ignore_errors=True)))
+    python, client = shlex.quote(sys.executable), shlex.quote(str(TESTS / "stage_client.py"))
+    forked = f"{python} -I -S {client} {shlex.quote(str(address))}"
+    shims = {
+        "python": f'if [ "$1" = -m ]; then case "$2" in stages.*) exec {forked} python {python} "$@";; esac; fi\n'
+        f'exec {python} "$@"',
+        "dvc": f'exec {forked} dvc {shlex.quote(str(Path(PYTHON_BIN, "dvc")))} "$@"',
+    }
+    (folder / "bin").mkdir()
+    for name, body in shims.items():
+        shim = folder / "bin" / name
+        shim.write_text(f"#!/bin/sh\n{body}\n")
+        shim.chmod(0o755)
+    return str(folder / "bin")
+
+
 def run(cwd: Path, *command: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run a command in a project copy with the venv first on PATH; output captured as text."""
-    result = subprocess.run(command, cwd=cwd, env=project_env(), capture_output=True, text=True, timeout=timeout)
+    """Run a command in a project copy with the venv first on PATH; output captured as text. `dvc`, and the
+    stages it or the command runs, start as forks of the stage server (stage_server_bin)."""
+    env = project_env(stage_server=command[0] in ("dvc", "python"))
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(
             f"{' '.join(command)} exited {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"

@@ -69,10 +69,15 @@ def child(request: dict) -> int:
     return code
 
 
-def main() -> None:
-    sys.path[0] = os.getcwd()  # the stages of the folder it runs in, as `python -m` imports them
+def preload() -> None:
+    """Import what the stages import, and what train loads as it runs, from the folder the process runs in."""
+    sys.path[0] = os.getcwd()  # the stages of that folder, as `python -m` imports them
     for name in (*STAGES, *TRAIN_LOADS):
         importlib.import_module(name)
+
+
+def main() -> None:
+    preload()
     for line in sys.stdin:
         request = json.loads(line)
         pid = os.fork()

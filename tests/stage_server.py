@@ -1,0 +1,190 @@
+"""The stages that DVC runs in the tests, started as forks of one warm Python: helpers.run puts a `python` first
+on PATH (helpers.stage_server) that hands `python -m stages.X ARGS` to this server and runs anything else as the
+real interpreter does.
+
+The server imports the stages and what train loads as it runs (stage_forks.py) once, then listens on a Unix
+socket. For each request (the command line, the folder, the environment, the umask, and the client's stdin,
+stdout and stderr as file descriptors) it forks a runner. Where a fresh interpreter could compute otherwise,
+the runner answers `exec` and the client execs the real one: a variable a library reads as it loads
+(OpenBLAS's, MKL's, ATen's, torch's, Python's, the locale) differs from the server's, as in the tests that vary
+the numerics, or the folder's stages/numerics.py (the pin, applied as torch loads) is not the server's.
+Otherwise the runner forks the stage: the `stages` package is imported again from where `python -m` would find
+it in that folder (torch, numpy and the rest stay loaded; the pin's findings are the server's), and the module
+runs as __main__ in the client's folder, environment, umask and file descriptors, and ends as an interpreter
+ends (see `stage`). `dvc ARGS` runs DVC's own entry point the same way. The runner sends the stage's pid, then
+its wait status; the client passes on the signals it gets and ends with that status. A client that dies takes
+its stage with it (SIGTERM).
+
+Tests that signal or kill a stage through its process tree start real processes (helpers.project_env()).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import gc
+import json
+import os
+import runpy
+import selectors
+import signal
+import socket
+import struct
+import sys
+import threading
+import traceback
+from pathlib import Path
+
+from stage_forks import preload
+
+# Variables read once, as a library or the interpreter loads: a stage forked from a server that loaded with other
+# values would not compute as a fresh one does.
+LOAD_TIME = ("ATEN_", "CUDA", "DNNL", "GOTO", "KMP_", "LANG", "LC_", "LD_", "MKL", "NUMEXPR", "OMP_", "ONEDNN",
+             "OPENBLAS", "PYTHON", "PYTORCH", "TORCH")  # fmt: skip
+HEADER = struct.Struct("!I")
+
+
+def load_time(env: dict[str, str]) -> dict[str, str]:
+    """The variables of `env` read as the libraries load, less those set to what stages.numerics.pin sets them to
+    (a stage that finds them so computes as one that does not find them)."""
+    from stages.numerics import PINNED
+
+    return {key: value for key, value in env.items() if key.startswith(LOAD_TIME) and PINNED.get(key) != value}
+
+
+def receive(connection: socket.socket) -> tuple[dict, list[int]]:
+    head, fds, _, _ = socket.recv_fds(connection, HEADER.size, 3)
+    (size,) = HEADER.unpack(head)
+    body = b""
+    while len(body) < size:
+        chunk = connection.recv(size - len(body))
+        if not chunk:
+            raise EOFError("the client left before its request was read")
+        body += chunk
+    return json.loads(body), fds
+
+
+def stage(request: dict, fds: list[int]) -> None:
+    """In the forked process: become `python -m MODULE ARGS` or `dvc ARGS` as the client ran it, and end as the
+    interpreter ends a run, less the teardown of every module (which would touch, and so copy, all of the
+    server's memory): a traceback for an uncaught exception, non-daemon threads joined, atexit's functions,
+    the streams flushed, the exit status, a KeyboardInterrupt's death by SIGINT."""
+    from stages import numerics
+
+    for target, fd in enumerate(fds):
+        os.dup2(fd, target)
+        os.close(fd)
+    os.chdir(request["cwd"])
+    pinned = {name: os.environ[name] for name in numerics.PINNED if name in os.environ}
+    os.environ.clear()
+    os.environ.update(request["env"])
+    if request["program"] == "python":
+        os.environ.update(pinned)  # what stages.numerics.pin set as the server started
+    os.umask(request["umask"])
+    sys.path[0] = request["cwd"]
+    # The stages again, from that folder. Their pin finds torch loaded and does nothing: what the server's found
+    # (the same variables) is handed on.
+    for name in [name for name in sys.modules if name.partition(".")[0] == "stages"]:
+        del sys.modules[name]
+    from stages import numerics as again
+
+    again.OVERRIDDEN.update(numerics.OVERRIDDEN)
+    try:
+        run_program(request["program"], request["argv"])
+        code = 0
+    except SystemExit as exit:
+        if exit.code is None or isinstance(exit.code, int):
+            code = exit.code or 0
+        else:  # sys.exit("message")
+            print(exit.code, file=sys.stderr)
+            code = 1
+    except BaseException as error:
+        sys.excepthook(type(error), error, error.__traceback__)
+        code = -signal.SIGINT if isinstance(error, KeyboardInterrupt) else 1
+    threading._shutdown()  # as Py_FinalizeEx does, in its order
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    if code == -signal.SIGINT:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+    os._exit(code & 0xFF)
+
+
+def run_program(program: str, argv: list[str]) -> None:
+    if program == "dvc":
+        from dvc.cli import main
+
+        sys.argv = argv
+        sys.exit(main(argv[1:]))
+    _, _, module, *args = argv
+    sys.argv = [module, *args]
+    sys.modules.pop(module, None)  # as under `python -m`, the module runs as __main__ only
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+
+
+def runner(connection: socket.socket, baseline: dict[str, str]) -> tuple[dict, list[int]]:
+    """In the forked runner: answer `exec`, or fork the stage and report its pid and status. Returns (the
+    request and its file descriptors) in the stage's process only; the runner itself ends in here."""
+    from stages import numerics
+
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the server ignores it to reap its runners; a stage waits
+    request, fds = receive(connection)
+    theirs = Path(request["cwd"], "stages", "numerics.py")
+    same_pin = not theirs.exists() or theirs.read_bytes() == Path(numerics.__file__).read_bytes()
+    if load_time(request["env"]) != baseline or not same_pin:
+        connection.sendall(b"exec\n")
+        os._exit(0)
+    pid = os.fork()
+    if pid == 0:
+        connection.close()
+        return request, fds
+    for fd in fds:
+        os.close(fd)
+    connection.sendall(f"pid {pid}\n".encode())
+    # The client's end closing before the stage ends: it was killed, and so is the stage's run.
+    with selectors.DefaultSelector() as selector:
+        selector.register(connection, selectors.EVENT_READ)
+        selector.register(os.pidfd_open(pid), selectors.EVENT_READ)
+        while not any(key.fileobj != connection for key, _ in selector.select()):
+            if not connection.recv(1):
+                os.kill(pid, signal.SIGTERM)
+                break
+    _, status = os.waitpid(pid, 0)
+    with contextlib.suppress(OSError):  # a client that is gone
+        connection.sendall(f"status {status}\n".encode())
+    os._exit(0)
+
+
+def main() -> None:
+    address = sys.argv[1]
+    started_with = dict(os.environ)  # before stages.numerics.pin sets its variables
+    preload()
+    baseline = load_time(started_with)
+    from dvc.cli import parse_args
+
+    parse_args(["version"])  # imports every command's module
+    # What is loaded stays out of the collector's reach: a fork that collected it would touch, and so copy,
+    # every page of the server (the collector's documented use before a fork).
+    gc.freeze()
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the runners are reaped as they end
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(address)
+    listener.listen(16)
+    print("ready", flush=True)
+    while True:
+        connection, _ = listener.accept()
+        if os.fork() == 0:
+            listener.close()
+            try:
+                request, fds = runner(connection, baseline)
+            except BaseException:
+                traceback.print_exc()
+                os._exit(1)
+            stage(request, fds)
+        connection.close()
+
+
+if __name__ == "__main__":
+    main()
