@@ -48,7 +48,11 @@ def test_two_workers_share_one_study_and_each_others_experiments(storage: str, o
     command = (*SEARCH, str(space), *options)
     workers = {
         name: subprocess.Popen(
-            [*command, "--seed", str(seed)], cwd=machine, env=project_env(), stdout=subprocess.PIPE, text=True
+            [*command, "--seed", str(seed)],
+            cwd=machine,
+            env=project_env(stage_server=True),
+            stdout=subprocess.PIPE,
+            text=True,
         )
         for seed, (name, machine) in enumerate(machines.items())
     }
