@@ -151,7 +151,7 @@ def stage_server_bin() -> str:
 def run(cwd: Path, *command: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run a command in a project copy with the venv first on PATH; output captured as text. `dvc`, and the
     stages it or the command runs, start as forks of the stage server (stage_server_bin)."""
-    env = project_env(stage_server=command[0] in ("dvc", "python"))
+    env = project_env(stage_server=command[0] in ("dvc", "python", "sh"))
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(

@@ -17,7 +17,16 @@ def main() -> None:
     address, program, real, *argv = sys.argv[1:]
     umask = os.umask(0)
     os.umask(umask)
-    request = {"program": program, "argv": [real, *argv], "cwd": os.getcwd(), "env": dict(os.environ), "umask": umask}
+    request = {
+        "program": program,
+        "argv": [real, *argv],
+        "cwd": os.getcwd(),
+        "env": dict(os.environ),
+        "umask": umask,
+        "group": os.getpgrp(),
+        # Ignored when it started (a shell's background job ignores SIGINT): the stage starts so too.
+        "ignored": [signum for signum in FORWARDED if signal.getsignal(signum) == signal.SIG_IGN],
+    }
     body = json.dumps(request).encode()
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -30,9 +39,9 @@ def main() -> None:
         started = []
     if started[:1] != [b"pid"]:
         os.execv(real, [real, *argv])
-    pid = int(started[1])
-    for signum in FORWARDED:
-        signal.signal(signum, lambda signum, _: os.kill(pid, signum))
+    pid, joined = int(started[1]), started[2] == b"joined"
+    for signum in FORWARDED:  # in this process group, the stage gets the group's signals itself
+        signal.signal(signum, signal.SIG_IGN if joined else lambda signum, _: os.kill(pid, signum))
     ended = answer.readline().split()
     status = int(ended[1]) if ended[:1] == [b"status"] else 1 << 8
     if os.WIFSIGNALED(status):

@@ -1,19 +1,19 @@
-"""The stages that DVC runs in the tests, started as forks of one warm Python: helpers.run puts a `python` first
-on PATH (helpers.stage_server) that hands `python -m stages.X ARGS` to this server and runs anything else as the
-real interpreter does.
+"""The stages that DVC runs in the tests, and DVC, started as forks of one warm Python: helpers.run puts a
+`python` and a `dvc` first on PATH (helpers.stage_server_bin) that hand `python -m stages.X ARGS` and `dvc ARGS`
+to this server, and run anything else as the real programs do.
 
-The server imports the stages and what train loads as it runs (stage_forks.py) once, then listens on a Unix
-socket. For each request (the command line, the folder, the environment, the umask, and the client's stdin,
-stdout and stderr as file descriptors) it forks a runner. Where a fresh interpreter could compute otherwise,
-the runner answers `exec` and the client execs the real one: a variable a library reads as it loads
-(OpenBLAS's, MKL's, ATen's, torch's, Python's, the locale) differs from the server's, as in the tests that vary
-the numerics, or the folder's stages/numerics.py (the pin, applied as torch loads) is not the server's.
-Otherwise the runner forks the stage: the `stages` package is imported again from where `python -m` would find
-it in that folder (torch, numpy and the rest stay loaded; the pin's findings are the server's), and the module
-runs as __main__ in the client's folder, environment, umask and file descriptors, and ends as an interpreter
-ends (see `stage`). `dvc ARGS` runs DVC's own entry point the same way. The runner sends the stage's pid, then
-its wait status; the client passes on the signals it gets and ends with that status. A client that dies takes
-its stage with it (SIGTERM).
+The server imports the stages, what train loads as it runs (stage_forks.py) and DVC's commands once, then
+listens on a Unix socket. For each request (the command line, the folder, the environment, the umask, the
+signals ignored, the process group, and the client's stdin, stdout and stderr as file descriptors) it forks a
+runner. Where a fresh interpreter could compute otherwise, the runner answers `exec` and the client execs the
+real program: a variable a library reads as it loads (OpenBLAS's, MKL's, ATen's, torch's, Python's, the
+locale) differs from the server's, as in the tests that vary the numerics, or the folder's stages/numerics.py
+(the pin, applied as torch loads) is not the server's. Otherwise the runner forks the stage: the `stages`
+package is imported again from where `python -m` would find it in that folder (torch, numpy and the rest stay
+loaded; the pin's findings are the server's), and the module runs as __main__ with all of the request's
+settings, in the client's process group where the session allows, and ends as an interpreter ends (see
+`stage`). The runner sends the stage's pid, then its wait status; the client ends with that status. A client
+whose stage could not join its group passes on the signals it gets; one that dies takes its stage with it.
 
 Tests that signal or kill a stage through its process tree start real processes (helpers.project_env()).
 """
@@ -81,6 +81,8 @@ def stage(request: dict, fds: list[int]) -> None:
     if request["program"] == "python":
         os.environ.update(pinned)  # what stages.numerics.pin set as the server started
     os.umask(request["umask"])
+    for signum in request["ignored"]:
+        signal.signal(signum, signal.SIG_IGN)
     sys.path[0] = request["cwd"]
     # The stages again, from that folder. Their pin finds torch loaded and does nothing: what the server's found
     # (the same variables) is handed on.
@@ -139,10 +141,20 @@ def runner(connection: socket.socket, baseline: dict[str, str]) -> tuple[dict, l
     pid = os.fork()
     if pid == 0:
         connection.close()
+        with contextlib.suppress(OSError):  # as a shell does, in both processes: whichever comes first
+            os.setpgid(0, request["group"])
         return request, fds
     for fd in fds:
         os.close(fd)
-    connection.sendall(f"pid {pid}\n".encode())
+    # In the client's process group, as a child of the client would be: a signal to the group (Ctrl-C, the
+    # search's SIGINT to a `dvc exp run` and what it runs) reaches the stage itself, and the client passes
+    # nothing on. A client in another session (a test's start_new_session) cannot take it in: it passes on.
+    try:
+        os.setpgid(pid, request["group"])
+        joined = "joined"
+    except OSError:
+        joined = "apart" if os.getpgid(pid) != request["group"] else "joined"
+    connection.sendall(f"pid {pid} {joined}\n".encode())
     # The client's end closing before the stage ends: it was killed, and so is the stage's run.
     with selectors.DefaultSelector() as selector:
         selector.register(connection, selectors.EVENT_READ)
