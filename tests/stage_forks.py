@@ -53,20 +53,32 @@ def child(request: dict) -> int:
             os.dup2(stream.fileno(), fd)
     if request.get("kill_at"):
         killed_after(request["kill_at"])
-    sys.argv = [request["module"], *request["args"]]
-    # As under `python -m`, the stage's module runs as __main__ only (its imports stay imported).
-    sys.modules.pop(request["module"], None)
     try:
-        runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
+        run_as_main(request["module"], request["args"])
         code = 0
     except SystemExit as exit:
-        code = exit.code if isinstance(exit.code, int) else (0 if exit.code is None else 1)
+        code = exit_status(exit)
     except BaseException:  # a bug: its traceback, as Python prints it
         traceback.print_exc()
         code = 1
     sys.stdout.flush()
     sys.stderr.flush()
     return code
+
+
+def run_as_main(module: str, args: list[str]) -> None:
+    """Run `module` as `python -m MODULE ARGS` does: as __main__ only (its imports stay imported), sys.argv set."""
+    sys.argv = [module, *args]
+    sys.modules.pop(module, None)
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+
+
+def exit_status(exit: SystemExit) -> int:
+    """The status the interpreter exits with for `exit`; a message (`sys.exit("...")`) is printed, status 1."""
+    if exit.code is None or isinstance(exit.code, int):
+        return exit.code or 0
+    print(exit.code, file=sys.stderr)
+    return 1
 
 
 def preload() -> None:

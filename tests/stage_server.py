@@ -25,7 +25,6 @@ import contextlib
 import gc
 import json
 import os
-import runpy
 import selectors
 import signal
 import socket
@@ -35,7 +34,7 @@ import threading
 import traceback
 from pathlib import Path
 
-from stage_forks import preload
+from stage_forks import exit_status, preload, run_as_main
 
 # Variables read once, as a library or the interpreter loads: a stage forked from a server that loaded with other
 # values would not compute as a fresh one does.
@@ -55,13 +54,8 @@ def load_time(env: dict[str, str]) -> dict[str, str]:
 def receive(connection: socket.socket) -> tuple[dict, list[int]]:
     head, fds, _, _ = socket.recv_fds(connection, HEADER.size, 3)
     (size,) = HEADER.unpack(head)
-    body = b""
-    while len(body) < size:
-        chunk = connection.recv(size - len(body))
-        if not chunk:
-            raise EOFError("the client left before its request was read")
-        body += chunk
-    return json.loads(body), fds
+    with connection.makefile("rb") as stream:
+        return json.loads(stream.read(size)), fds
 
 
 def stage(request: dict, fds: list[int]) -> None:
@@ -95,11 +89,7 @@ def stage(request: dict, fds: list[int]) -> None:
         run_program(request["program"], request["argv"])
         code = 0
     except SystemExit as exit:
-        if exit.code is None or isinstance(exit.code, int):
-            code = exit.code or 0
-        else:  # sys.exit("message")
-            print(exit.code, file=sys.stderr)
-            code = 1
+        code = exit_status(exit)
     except BaseException as error:
         sys.excepthook(type(error), error, error.__traceback__)
         code = -signal.SIGINT if isinstance(error, KeyboardInterrupt) else 1
@@ -121,20 +111,17 @@ def run_program(program: str, argv: list[str]) -> None:
         sys.argv = argv
         sys.exit(main(argv[1:]))
     _, _, module, *args = argv
-    sys.argv = [module, *args]
-    sys.modules.pop(module, None)  # as under `python -m`, the module runs as __main__ only
-    runpy.run_module(module, run_name="__main__", alter_sys=True)
+    run_as_main(module, args)
 
 
-def runner(connection: socket.socket, baseline: dict[str, str]) -> tuple[dict, list[int]]:
+def runner(connection: socket.socket, baseline: dict[str, str], pin: bytes) -> tuple[dict, list[int]]:
     """In the forked runner: answer `exec`, or fork the stage and report its pid and status. Returns (the
-    request and its file descriptors) in the stage's process only; the runner itself ends in here."""
-    from stages import numerics
-
+    request and its file descriptors) in the stage's process only; the runner itself ends in here. `baseline`
+    and `pin`: the server's load-time variables and stages/numerics.py."""
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the server ignores it to reap its runners; a stage waits
     request, fds = receive(connection)
     theirs = Path(request["cwd"], "stages", "numerics.py")
-    same_pin = not theirs.exists() or theirs.read_bytes() == Path(numerics.__file__).read_bytes()
+    same_pin = not theirs.exists() or theirs.read_bytes() == pin
     if load_time(request["env"]) != baseline or not same_pin:
         connection.sendall(b"exec\n")
         os._exit(0)
@@ -149,11 +136,9 @@ def runner(connection: socket.socket, baseline: dict[str, str]) -> tuple[dict, l
     # In the client's process group, as a child of the client would be: a signal to the group (Ctrl-C, the
     # search's SIGINT to a `dvc exp run` and what it runs) reaches the stage itself, and the client passes
     # nothing on. A client in another session (a test's start_new_session) cannot take it in: it passes on.
-    try:
+    with contextlib.suppress(OSError):
         os.setpgid(pid, request["group"])
-        joined = "joined"
-    except OSError:
-        joined = "apart" if os.getpgid(pid) != request["group"] else "joined"
+    joined = "joined" if os.getpgid(pid) == request["group"] else "apart"
     connection.sendall(f"pid {pid} {joined}\n".encode())
     # The client's end closing before the stage ends: it was killed, and so is the stage's run.
     with selectors.DefaultSelector() as selector:
@@ -173,7 +158,9 @@ def main() -> None:
     address = sys.argv[1]
     started_with = dict(os.environ)  # before stages.numerics.pin sets its variables
     preload()
-    baseline = load_time(started_with)
+    from stages import numerics
+
+    baseline, pin = load_time(started_with), Path(numerics.__file__).read_bytes()
     from dvc.cli import parse_args
 
     parse_args(["version"])  # imports every command's module
@@ -190,7 +177,7 @@ def main() -> None:
         if os.fork() == 0:
             listener.close()
             try:
-                request, fds = runner(connection, baseline)
+                request, fds = runner(connection, baseline, pin)
             except BaseException:
                 traceback.print_exc()
                 os._exit(1)
